@@ -1,0 +1,34 @@
+# waso — common tasks. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/bin:$(PATH)
+
+.PHONY: help setup tools cluster-up cluster-down test lint format
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: ## install Debian packages and the virtualenv (.venv)
+	bash hack/setup.sh
+
+tools: ## build etcd, the Kubernetes control plane, kubectl and helm into bin/
+	bash hack/build-tools.sh
+
+cluster-up: ## start a local control plane on loopback (kubeconfig: .cluster/kubeconfig)
+	$(PY) hack/localcluster.py up
+
+cluster-down: ## stop the local control plane and remove its data
+	$(PY) hack/localcluster.py down
+
+lint: ## ruff, mypy and the import-layer contracts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint ## lint, then every test against a fresh local control plane and Redis
+	$(PY) -m pytest

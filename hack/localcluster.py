@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""A real Kubernetes control plane on loopback, without Docker.
+
+Starts etcd, kube-apiserver (RBAC, PodSecurity, ServiceAccount token signing,
+certificates generated here), kube-controller-manager and kube-scheduler from
+the binaries that ``hack/build-tools.sh`` builds into ``bin/``, and writes an
+admin kubeconfig.
+
+Two ways to own the processes:
+
+* ``up`` / ``down`` (``make cluster-up`` / ``make cluster-down``): the processes
+  outlive the command; their PIDs are kept in ``<dir>/state.json``.
+* :meth:`LocalCluster.start` with ``tied=True`` (the pytest fixture): every
+  process receives SIGKILL from the kernel when its caller dies, so a crashed
+  test run leaves nothing behind.
+
+Only the standard library and the ``openssl`` command are used, so this runs
+before any virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "bin"
+DEFAULT_DIR = ROOT / ".cluster"
+SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_IP = "10.96.0.1"
+BUILD_HINT = "run `make tools` (hack/build-tools.sh) to build it"
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+_PR_SET_PDEATHSIG = 1
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be started or stopped."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def binary(name: str) -> Path:
+    path = BIN / name
+    if not os.access(path, os.X_OK):
+        raise ClusterError(f"{path} is missing: {BUILD_HINT}")
+    return path
+
+
+def die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setpgid(0, 0)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ClusterError(f"openssl {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def generate_pki(pki: Path) -> None:
+    """CA, serving and client certificates, and the ServiceAccount key pair."""
+    pki.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=waso-local-ca",
+        cwd=pki,
+    )
+    serving_san = (
+        f"DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:{SERVICE_IP}"
+    )
+    certs = {
+        "apiserver": ("/CN=kube-apiserver", f"subjectAltName={serving_san}\nextendedKeyUsage=serverAuth\n"),
+        "admin": ("/O=system:masters/CN=waso-admin", "extendedKeyUsage=clientAuth\n"),
+        "controller-manager": ("/CN=system:kube-controller-manager", "extendedKeyUsage=clientAuth\n"),
+        "scheduler": ("/CN=system:kube-scheduler", "extendedKeyUsage=clientAuth\n"),
+        "apiserver-kubelet-client": (
+            "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
+            "extendedKeyUsage=clientAuth\n",
+        ),
+    }
+    for name, (subject, extensions) in certs.items():
+        (pki / f"{name}.ext").write_text(extensions)
+        _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.crt",
+            cwd=pki,
+        )
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
+    # JSON is valid YAML, and kubeconfig loaders accept it.
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "waso-local", "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate": str(pki / f"{user}.crt"), "client-key": str(pki / f"{user}.key")},
+            }
+        ],
+        "contexts": [{"name": "waso-local", "context": {"cluster": "waso-local", "user": user}}],
+        "current-context": "waso-local",
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+@dataclass
+class ClusterState:
+    directory: str
+    server: str
+    kubeconfig: str
+    ports: dict[str, int]
+    pids: dict[str, int] = field(default_factory=dict)
+
+
+class LocalCluster:
+    """One control plane in one directory."""
+
+    def __init__(self, directory: Path = DEFAULT_DIR) -> None:
+        self.directory = directory.resolve()
+        self.state_file = self.directory / "state.json"
+        self.pki = self.directory / "pki"
+        self.logs = self.directory / "logs"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.state: ClusterState | None = None
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / "kubeconfig"
+
+    def start(self, *, tied: bool, timeout: float = 120.0) -> ClusterState:
+        if self.state_file.exists():
+            raise ClusterError(f"{self.state_file} exists: a cluster may be running; stop it first (make cluster-down)")
+        for name in COMPONENTS:
+            binary(name)
+        for pid in _processes_using(self.directory):  # left over by a crashed `up`
+            _terminate(pid)
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.logs.mkdir(parents=True)
+        generate_pki(self.pki)
+        ports = {
+            name: free_port() for name in ("etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler")
+        }
+        server = f"https://127.0.0.1:{ports['apiserver']}"
+        write_kubeconfig(self.kubeconfig, server, self.pki, "admin")
+        for user in ("controller-manager", "scheduler"):
+            write_kubeconfig(self.directory / f"{user}.kubeconfig", server, self.pki, user)
+        self.state = ClusterState(str(self.directory), server, str(self.kubeconfig), ports)
+        try:
+            self._spawn("etcd", self._etcd_args(ports), tied)
+            _wait_until(
+                lambda: _http_ok(f"http://127.0.0.1:{ports['etcd-client']}/health"),
+                timeout,
+                "etcd health",
+                self._log_tail("etcd"),
+            )
+            self._spawn("kube-apiserver", self._apiserver_args(ports), tied)
+            _wait_until(
+                lambda: self._api_ok("/readyz"), timeout, "kube-apiserver /readyz", self._log_tail("kube-apiserver")
+            )
+            self._spawn("kube-controller-manager", self._controller_manager_args(ports), tied)
+            self._spawn("kube-scheduler", self._scheduler_args(ports), tied)
+            _wait_until(
+                lambda: self._api_ok("/api/v1/namespaces/default/serviceaccounts/default"),
+                timeout,
+                "the default ServiceAccount (kube-controller-manager)",
+                self._log_tail("kube-controller-manager"),
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.state_file.write_text(json.dumps(asdict(self.state), indent=2) + "\n")
+        self.state_file.with_suffix(".partial").unlink(missing_ok=True)
+        return self.state
+
+    def stop(self) -> None:
+        pids = dict(self.state.pids) if self.state else {}
+        for recorded in (self.state_file, self.state_file.with_suffix(".partial")):
+            if not pids and recorded.exists():
+                pids = json.loads(recorded.read_text()).get("pids", {})
+        for name in reversed(COMPONENTS):
+            if name in pids:
+                _terminate(pids[name])
+        for proc in self.processes.values():
+            with contextlib.suppress(ChildProcessError):
+                proc.wait(timeout=0)
+        for pid in _processes_using(self.directory):
+            _terminate(pid)
+        self.state_file.unlink(missing_ok=True)
+        self.state_file.with_suffix(".partial").unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "etcd", ignore_errors=True)
+        self.processes.clear()
+
+    def _spawn(self, name: str, args: list[str], tied: bool) -> None:
+        assert self.state is not None
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [str(binary(name)), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.directory,
+            preexec_fn=die_with_parent if tied else None,
+            start_new_session=not tied,
+        )
+        log.close()
+        self.processes[name] = proc
+        self.state.pids[name] = proc.pid
+        # Written as soon as there is something to clean up.
+        self.state_file.with_suffix(".partial").write_text(json.dumps(asdict(self.state)))
+
+    def _log_tail(self, name: str) -> Callable[[], str]:
+        def tail() -> str:
+            path = self.logs / f"{name}.log"
+            lines = path.read_text(errors="replace").splitlines()[-25:] if path.exists() else []
+            proc = self.processes.get(name)
+            status = f"exited with {proc.returncode}" if proc and proc.poll() is not None else "running"
+            return f"{name} ({status}), last log lines from {path}:\n" + "\n".join(lines)
+
+        return tail
+
+    def _api_ok(self, path: str) -> bool:
+        assert self.state is not None
+        context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        context.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+        return _http_ok(self.state.server + path, context)
+
+    def _etcd_args(self, ports: dict[str, int]) -> list[str]:
+        client = f"http://127.0.0.1:{ports['etcd-client']}"
+        peer = f"http://127.0.0.1:{ports['etcd-peer']}"
+        return [
+            "--name=waso",
+            f"--data-dir={self.directory / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=waso={peer}",
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes=4294967296",
+            "--log-level=warn",
+        ]
+
+    def _apiserver_args(self, ports: dict[str, int]) -> list[str]:
+        pki = self.pki
+        return [
+            f"--etcd-servers=http://127.0.0.1:{ports['etcd-client']}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['apiserver']}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction,PodSecurity",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # The Service "kubernetes" would point at 127.0.0.1, which Endpoints validation refuses.
+            "--endpoint-reconciler-type=none",
+            "--allow-privileged=false",
+            "--profiling=false",
+            "--v=1",
+        ]
+
+    def _controller_manager_args(self, ports: dict[str, int]) -> list[str]:
+        kubeconfig = str(self.directory / "controller-manager.kubeconfig")
+        pki = self.pki
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['controller-manager']}",
+            f"--cert-dir={self.directory / 'controller-manager-certs'}",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki / 'ca.key'}",
+            "--use-service-account-credentials=true",
+            "--leader-elect=false",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--profiling=false",
+            "--v=1",
+        ]
+
+    def _scheduler_args(self, ports: dict[str, int]) -> list[str]:
+        kubeconfig = str(self.directory / "scheduler.kubeconfig")
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['scheduler']}",
+            f"--cert-dir={self.directory / 'scheduler-certs'}",
+            "--leader-elect=false",
+            "--profiling=false",
+            "--v=1",
+        ]
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_until(check: Callable[[], bool], timeout: float, what: str, diagnose: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnose()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    return True
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.05)
+
+
+def _processes_using(directory: Path) -> Iterator[int]:
+    """PIDs of leftover control-plane processes whose command line names this directory."""
+    marker = str(directory).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in (entry / "cmdline").read_bytes():
+                yield int(entry.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("up", "down", "env"))
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="data, logs and kubeconfig (default: .cluster)")
+    args = parser.parse_args(argv)
+    cluster = LocalCluster(args.dir)
+    try:
+        if args.command == "up":
+            state = cluster.start(tied=False)
+            print(f"control plane ready at {state.server}\nexport KUBECONFIG={state.kubeconfig}")
+        elif args.command == "down":
+            cluster.stop()
+            print("control plane stopped")
+        else:
+            print(f"export KUBECONFIG={cluster.kubeconfig}")
+    except ClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

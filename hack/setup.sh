@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian machine: system packages the tests use, then a
+# virtualenv in .venv with waso and its test and dev extras.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+packages=(redis-server openssl)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "[setup] installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The tests start their own redis-server on a free port; the Debian service is not needed.
+if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+  ${sudo:-} systemctl stop redis-server || true
+fi
+
+command -v go >/dev/null || { echo "[setup] Go 1.26 is required to build the control plane (make tools)" >&2; exit 1; }
+
+python="${PYTHON:-python3}"
+if [[ ! -x "$root/.venv/bin/python" ]]; then
+  "$python" -m venv "$root/.venv"
+fi
+"$root/.venv/bin/pip" install -q --upgrade pip
+"$root/.venv/bin/pip" install -q -e "$root[test,dev]"
+echo "[setup] ready: .venv with $("$root/.venv/bin/python" --version)" >&2

@@ -1,0 +1,115 @@
+"""Fixtures: one real control plane per test run, a namespace per test, a Redis server.
+
+Nothing here skips. A missing binary or server is a failure that names the command
+that installs it, because a skipped integration test reads as a passing one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+from localcluster import ClusterError, LocalCluster, die_with_parent
+
+from tests.support import free_port, wait_for, which_or_fail
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    kubeconfig: Path
+    api: client.ApiClient
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """The local control plane, or the cluster named by WASO_TEST_KUBECONFIG."""
+    existing = os.environ.get("WASO_TEST_KUBECONFIG")
+    cluster: LocalCluster | None = None
+    if existing:
+        kubeconfig = Path(existing)
+    else:
+        cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+        try:
+            cluster.start(tied=True)
+        except ClusterError as error:
+            pytest.fail(f"cannot start the local control plane: {error}", pytrace=False)
+        kubeconfig = cluster.kubeconfig
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        yield ControlPlane(kubeconfig, api)
+    finally:
+        api.close()
+        if cluster is not None:
+            cluster.stop()
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards."""
+    base = request.node.name.lower().replace("_", "-")
+    name = "".join(c for c in base if c.isalnum() or c == "-")[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    core = client.CoreV1Api(control_plane.api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"waso.dev/test": "true"})))
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name, propagation_policy="Background")
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    url: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """Debian's redis-server on a free loopback port, killed with the test run."""
+    binary = which_or_fail("redis-server", "apt-get install redis-server (done by .ci/run)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--protected-mode",
+            "yes",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+    import redis
+
+    ping = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+
+    def answers() -> bool:
+        try:
+            return bool(ping.ping())
+        except redis.ConnectionError:
+            if proc.poll() is not None:
+                raise AssertionError(f"redis-server exited with {proc.returncode}") from None
+            return False
+
+    try:
+        wait_for(answers, timeout=15, what=f"redis-server on port {port}")
+        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port)
+    finally:
+        ping.close()
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,1 @@
+"""waso: WhatsApp Session Operator."""
