@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/bin:$(PATH)
 
-.PHONY: help setup tools cluster-up cluster-down test lint format
+.PHONY: help setup tools cluster-up cluster-down crds test lint format
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -21,10 +21,14 @@ cluster-up: ## start a local control plane on loopback (kubeconfig: .cluster/kub
 cluster-down: ## stop the local control plane and remove its data
 	$(PY) hack/localcluster.py down
 
+crds: ## regenerate crds/ from the models in waso/api
+	$(PY) hack/gen_crds.py
+
 lint: ## ruff, mypy and the import-layer contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client, config
 from localcluster import ClusterError, LocalCluster, die_with_parent
 
-from tests.support import free_port, wait_for, which_or_fail
+from tests.support import free_port, kubectl, wait_for, which_or_fail
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         ping.close()
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def crds(control_plane: ControlPlane) -> None:
+    """The generated CRDs from crds/, installed and Established."""
+    crd_dir = Path(__file__).resolve().parent.parent / "crds"
+    kubectl(control_plane.kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(crd_dir))
+    kubectl(control_plane.kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(crd_dir))

@@ -1,0 +1,114 @@
+"""TenantQuota: the limits of one tenant (namespace), like a ResourceQuota for sessions.
+
+At most one TenantQuota is honoured per namespace, the oldest; the others get a
+``Conflict`` condition. A namespace without one gets the operator's default quota,
+which is ``TenantQuotaSpec()`` unless the operator configuration overrides it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from waso.api.base import ApiModel, ObjectMeta, Quantity
+from waso.api.conditions import Condition
+
+_REQUESTS_WITHIN_LIMITS = [
+    {
+        "rule": f"!has(self.requests) || !has(self.limits) || !has(self.requests.{resource}) "
+        f"|| !has(self.limits.{resource}) "
+        f"|| quantity(self.requests.{resource}).compareTo(quantity(self.limits.{resource})) <= 0",
+        "message": f"requests.{resource} must not exceed limits.{resource}",
+        "fieldPath": f".requests.{resource}",
+    }
+    for resource in ("cpu", "memory")
+]
+
+
+class ResourceAmounts(ApiModel):
+    """CPU and memory, as in a container's resources."""
+
+    cpu: Quantity | None = None
+    """CPU, e.g. 250m or 1."""
+    memory: Quantity | None = None
+    """Memory, e.g. 256Mi."""
+
+
+class PodResources(ApiModel, json_schema_extra={"x-kubernetes-validations": _REQUESTS_WITHIN_LIMITS}):
+    """Resources of each session pod of the tenant."""
+
+    requests: ResourceAmounts | None = None
+    """Guaranteed resources per pod."""
+    limits: ResourceAmounts | None = None
+    """Hard ceiling per pod: a tenant's sessions cannot take memory from another tenant's."""
+
+
+class TenantQuotaSpec(
+    ApiModel,
+    json_schema_extra={
+        "x-kubernetes-validations": [
+            {
+                "rule": "self.maxPairingStreams <= self.maxSessions",
+                "message": "maxPairingStreams cannot exceed maxSessions",
+                "fieldPath": ".maxPairingStreams",
+            }
+        ]
+    },
+):
+    """Limits of the tenant that owns the namespace."""
+
+    max_sessions: int = Field(default=10, ge=0, le=10000)
+    """Sessions admitted at once in this namespace; further ones wait with QuotaExceeded."""
+    messages_per_minute: int = Field(default=60, ge=1, le=60000)
+    """Messages the tenant may send per minute through the runtime's API, over all its sessions."""
+    max_pairing_streams: int = Field(default=2, ge=0, le=1000)
+    """QR Server-Sent-Event streams open at once for the tenant."""
+    sessions_per_pod: int = Field(default=20, ge=1, le=500)
+    """Sessions served by one session pod (shard)."""
+    pod_resources: PodResources = PodResources(
+        requests=ResourceAmounts(cpu="100m", memory="128Mi"), limits=ResourceAmounts(memory="512Mi")
+    )
+    """Resources of each session pod."""
+
+
+class QuotaAmounts(ApiModel):
+    """Counted amounts, as in ResourceQuota status."""
+
+    sessions: int = Field(default=0, ge=0)
+    """Admitted sessions."""
+    pairing_streams: int | None = Field(default=None, ge=0)
+    """Open QR streams (reported by the runtimes)."""
+
+
+class TenantQuotaStatus(ApiModel):
+    """Usage against the quota, like ResourceQuota's used and hard."""
+
+    hard: QuotaAmounts | None = None
+    """The limits in force."""
+    used: QuotaAmounts | None = None
+    """Current usage."""
+    conditions: Annotated[
+        tuple[Condition, ...],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+    ] = ()
+    """Ready, Conflict."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the operator last acted on."""
+
+
+class TenantQuota(ApiModel):
+    """The session limits of the tenant that owns this namespace."""
+
+    KIND: ClassVar[str] = "TenantQuota"
+    PLURAL: ClassVar[str] = "tenantquotas"
+
+    api_version: Literal["waso.dev/v1alpha1"] = "waso.dev/v1alpha1"
+    kind: Literal["TenantQuota"] = "TenantQuota"
+    metadata: ObjectMeta
+    spec: TenantQuotaSpec = TenantQuotaSpec()
+    status: TenantQuotaStatus | None = None
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> TenantQuota:
+        return cls.model_validate(obj)

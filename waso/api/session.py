@@ -1,0 +1,166 @@
+"""WhatsAppSession: one WhatsApp Web multi-device session (one linked device) of a tenant."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from waso.api.base import ApiModel, ObjectMeta, Timestamp
+from waso.api.conditions import Condition
+
+E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+
+
+class PairingMethod(StrEnum):
+    QR = "QR"
+    """Scan a QR code with the phone (Linked devices, Link a device)."""
+    PHONE_CODE = "PhoneCode"
+    """Type an 8-character code on the phone (Link with phone number instead)."""
+
+
+class Phase(StrEnum):
+    """For display only; conditions are the contract."""
+
+    PENDING = "Pending"
+    WAITING = "Waiting"
+    STARTING = "Starting"
+    PAIRING = "Pairing"
+    CONNECTED = "Connected"
+    DISCONNECTED = "Disconnected"
+    REPAIRING = "Repairing"
+    SUSPENDED = "Suspended"
+    EVICTED = "Evicted"
+    FAILED = "Failed"
+
+
+class RuntimeState(StrEnum):
+    STOPPED = "Stopped"
+    CONNECTING = "Connecting"
+    AWAITING_PAIRING = "AwaitingPairing"
+    CONNECTED = "Connected"
+    DISCONNECTED = "Disconnected"
+    LOGGED_OUT = "LoggedOut"
+    BANNED = "Banned"
+
+
+class Pairing(ApiModel):
+    """How the device is linked to the phone the first time."""
+
+    method: PairingMethod = PairingMethod.QR
+    """QR (scan a code) or PhoneCode (type a code on the phone)."""
+
+
+class WhatsAppSessionSpec(ApiModel):
+    """The session a platform engineer asks for."""
+
+    phone_number: str = Field(
+        pattern=E164_PATTERN,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == oldSelf",
+                    "message": "phoneNumber is immutable: create a new WhatsAppSession for another number",
+                }
+            ]
+        },
+    )
+    """The account's number in E.164 form: '+', country code, number, 7 to 15 digits (+4915112345678)."""
+    pairing: Pairing = Pairing()
+    """How to link the device when no credentials are stored."""
+    priority: int = Field(default=0, ge=0, le=1000)
+    """Eviction order under capacity pressure: lower priority is evicted first; waiting sessions with a
+    higher priority are admitted first."""
+    suspend: bool = False
+    """Stop the session and release its admission slot while keeping its credentials."""
+    device_name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^\S(.*\S)?$")
+    """The name shown in the phone's Linked devices list (default: waso)."""
+
+
+class RepairBackup(ApiModel):
+    """A credential-store backup taken before a repair."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Backup identifier on the shard volume."""
+    taken_at: Timestamp
+    """When the backup was taken."""
+
+
+class RepairStatus(ApiModel):
+    """Repairs of this session (back up, reset, re-pair)."""
+
+    count: int = Field(default=0, ge=0)
+    """Repairs performed since creation."""
+    last_reason: str | None = Field(default=None, max_length=1024)
+    """Why the last repair ran."""
+    last_time: Timestamp | None = None
+    """When the last repair started."""
+    backups: tuple[RepairBackup, ...] = ()
+    """Kept backups, oldest first."""
+
+
+class RuntimeStatus(ApiModel):
+    """Written by the session runtime (server-side apply field manager waso-runtime), only on change."""
+
+    state: RuntimeState | None = None
+    """What the runtime's socket is doing."""
+    jid: str | None = Field(default=None, max_length=128)
+    """The live device JID, user:device@s.whatsapp.net (not validated here: the operator judges it)."""
+    device_id: int | None = Field(default=None, ge=0, le=9999)
+    """The device number of the live JID (the part after ':')."""
+    stored_jid: str | None = Field(default=None, max_length=128)
+    """The JID held in the session's credential store (absent: never paired)."""
+    push_name: str | None = Field(default=None, max_length=256)
+    """The account's display name."""
+    connected_at: Timestamp | None = None
+    """When the current connection was established."""
+    last_activity_at: Timestamp | None = None
+    """Last message sent or received, at 60-second granularity."""
+    qr_expires_at: Timestamp | None = None
+    """When the QR code now on offer expires."""
+    last_error: str | None = Field(default=None, max_length=4096)
+    """The last error the transport reported."""
+
+
+class WhatsAppSessionStatus(ApiModel):
+    """Observed state; written by the operator except for runtime."""
+
+    phase: Phase | None = None
+    """A one-word summary for display; read conditions in programs."""
+    conditions: Annotated[
+        tuple[Condition, ...],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+    ] = ()
+    """Ready, Admitted, Paired, Connected, DeviceHealthy, Reconciling, Stalled."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the operator last acted on."""
+    shard: int | None = Field(default=None, ge=0, le=9999)
+    """The index of the tenant's session pod that serves this session; assigned once."""
+    endpoint: str | None = Field(default=None, max_length=512)
+    """The runtime's HTTP base URL for this session (QR stream, pairing code, messages)."""
+    admitted_at: Timestamp | None = None
+    """When the session last got its admission slot."""
+    evicted_at: Timestamp | None = None
+    """When the session was last evicted under pressure."""
+    repairs: RepairStatus | None = None
+    """Repair history."""
+    runtime: RuntimeStatus | None = None
+    """Reported by the session runtime."""
+
+
+class WhatsAppSession(ApiModel):
+    """A WhatsApp Web multi-device session of the tenant that owns the namespace."""
+
+    KIND: ClassVar[str] = "WhatsAppSession"
+    PLURAL: ClassVar[str] = "whatsappsessions"
+
+    api_version: Literal["waso.dev/v1alpha1"] = "waso.dev/v1alpha1"
+    kind: Literal["WhatsAppSession"] = "WhatsAppSession"
+    metadata: ObjectMeta
+    spec: WhatsAppSessionSpec
+    status: WhatsAppSessionStatus | None = None
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> WhatsAppSession:
+        return cls.model_validate(obj)
