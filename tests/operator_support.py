@@ -1,0 +1,136 @@
+"""Helpers for operator tests: tenant namespaces, sessions, and reading decisions back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from localcluster import die_with_parent
+
+from tests.support import wait_for
+from waso.api.base import GROUP, VERSION
+
+PLURAL = "whatsappsessions"
+
+
+@dataclass
+class Tenants:
+    """Namespaces named <prefix>-<tenant>, matched by the operator's namespace pattern <prefix>-*."""
+
+    api: client.ApiClient
+    prefix: str = field(default_factory=lambda: "w" + uuid.uuid4().hex[:8])
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.prefix}-*"
+
+    def namespace(self, tenant: str) -> str:
+        name = f"{self.prefix}-{tenant}"
+        if name not in self.created:
+            labels = {"pod-security.kubernetes.io/enforce": "restricted", "waso.dev/test": "true"}
+            client.CoreV1Api(self.api).create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
+            )
+            self.created.append(name)
+        return name
+
+    def cleanup(self) -> None:
+        for name in self.created:
+            with contextlib.suppress(ApiException):
+                client.CoreV1Api(self.api).delete_namespace(name, propagation_policy="Background")
+
+
+def create_session(api: client.ApiClient, namespace: str, name: str, phone: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "WhatsAppSession",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"phoneNumber": phone, **spec},
+    }
+    return cast(
+        dict[str, Any],
+        client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body),
+    )
+
+
+def create_quota(api: client.ApiClient, namespace: str, name: str = "default", **spec: Any) -> None:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TenantQuota",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "tenantquotas", body)
+
+
+def get(api: client.ApiClient, namespace: str, name: str, plural: str = PLURAL) -> dict[str, Any]:
+    return cast(
+        dict[str, Any],
+        client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name),
+    )
+
+
+def list_sessions(api: client.ApiClient, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = client.CustomObjectsApi(api).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL
+    )["items"]
+    return items
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def admitted(obj: dict[str, Any]) -> bool | None:
+    """True/False once decided, None while undecided."""
+    found = condition(obj, "Admitted")
+    return None if found is None else found["status"] == "True"
+
+
+def wait_admission(
+    api: client.ApiClient, namespace: str, name: str, *, expected: bool, reason: str, timeout: float = 60
+) -> dict[str, Any]:
+    def decided() -> dict[str, Any] | None:
+        obj = get(api, namespace, name)
+        found = condition(obj, "Admitted")
+        return obj if found and found["status"] == str(expected) and found["reason"] == reason else None
+
+    return wait_for(decided, timeout=timeout, what=f"{namespace}/{name} Admitted={expected} ({reason})")
+
+
+def create_many(api: client.ApiClient, specs: list[tuple[str, str, str]], threads: int = 8) -> None:
+    """Create (namespace, name, phone) sessions concurrently."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda s: create_session(api, *s), specs))
+
+
+@contextlib.contextmanager
+def operator_process(
+    kubeconfig: Path, namespace_pattern: str, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`waso operator` as a real process, killed with the test."""
+    full_env = {**os.environ, "KUBECONFIG": str(kubeconfig), "WASO_METRICS_PORT": "0", **env}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "waso.cli.main", "operator", "-n", namespace_pattern],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

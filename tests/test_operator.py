@@ -1,0 +1,307 @@
+"""The operator against the real control plane: admission, placement, quotas, conflicts, RBAC."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes import client, watch
+
+from tests.conftest import ControlPlane
+from tests.operator_support import (
+    PLURAL,
+    Tenants,
+    admitted,
+    condition,
+    create_many,
+    create_quota,
+    create_session,
+    get,
+    list_sessions,
+    operator_process,
+    wait_admission,
+)
+from tests.support import free_port, wait_for
+from waso.api.base import GROUP, VERSION
+
+
+@pytest.fixture
+def tenants(control_plane: ControlPlane, crds: None) -> Iterator[Tenants]:
+    found = Tenants(control_plane.api)
+    try:
+        yield found
+    finally:
+        found.cleanup()
+
+
+@pytest.fixture
+def operator_env(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    monkeypatch.setenv("WASO_METRICS_PORT", "0")
+    monkeypatch.setenv("WASO_RUNTIME_IMAGE", "waso:test")
+    monkeypatch.delenv("WASO_CONFIG", raising=False)
+    return monkeypatch
+
+
+def run_operator(tenants: Tenants) -> KopfRunner:
+    return KopfRunner(["run", "--standalone", "-m", "waso.operator.handlers", "-n", tenants.pattern], timeout=60)
+
+
+def phone(i: int) -> str:
+    return f"+4915100{i:06d}"
+
+
+def test_ten_tenants_are_admitted_and_placed_in_their_own_pods(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    api = control_plane.api
+    with run_operator(tenants) as runner:
+        names = [tenants.namespace(f"t{i}") for i in range(10)]
+        create_many(api, [(ns, f"s{j}", phone(i * 10 + j)) for i, ns in enumerate(names) for j in range(2)])
+        for ns in names:
+            for j in range(2):
+                obj = wait_admission(api, ns, f"s{j}", expected=True, reason="Admitted")
+                assert obj["status"]["shard"] == 0
+                assert obj["metadata"]["labels"]["waso.dev/shard"] == "0"
+                assert obj["status"]["observedGeneration"] == 1
+                assert obj["status"]["endpoint"].startswith(f"http://waso-sessions-0.waso-sessions.{ns}.svc:8080/")
+        apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+
+        def one_replica(ns: str) -> client.V1StatefulSet | None:
+            found = apps.read_namespaced_stateful_set("waso-sessions", ns)
+            return found if found.spec.replicas == 1 else None
+
+        for ns in names:
+            sts = wait_for(lambda ns=ns: one_replica(ns), timeout=30, what=f"StatefulSet in {ns}")  # type: ignore[misc]
+            env = {e.name: e for e in sts.spec.template.spec.containers[0].env}
+            # The runtime learns its tenant from its own pod's namespace: it cannot serve another tenant.
+            assert env["WASO_NAMESPACE"].value_from.field_ref.field_path == "metadata.namespace"
+            assert sts.spec.template.spec.service_account_name == "waso-runtime"
+            pods = wait_for(lambda ns=ns: core.list_namespaced_pod(ns).items, timeout=30, what=f"pods in {ns}")  # type: ignore[misc]
+            assert [p.metadata.name for p in pods] == ["waso-sessions-0"]  # PodSecurity restricted admitted it
+            assert {s["metadata"]["namespace"] for s in list_sessions(api, ns)} == {ns}
+    assert runner.exit_code == 0, runner.output
+
+
+def test_global_cap_refuses_the_36th_and_admits_it_when_a_slot_frees(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    operator_env.setenv("WASO_MAX_SESSIONS", "35")
+    operator_env.setenv("WASO_DEFAULT_QUOTA__MAX_SESSIONS", "100")
+    operator_env.setenv("WASO_DEFAULT_QUOTA__SESSIONS_PER_POD", "10")
+    api = control_plane.api
+    with run_operator(tenants) as runner:
+        namespaces = [tenants.namespace(f"t{i}") for i in range(5)]
+        create_many(api, [(namespaces[i % 5], f"s{i}", phone(i)) for i in range(35)])
+        first = {
+            f"s{i}": wait_admission(api, namespaces[i % 5], f"s{i}", expected=True, reason="Admitted")
+            for i in range(35)
+        }
+
+        create_session(api, namespaces[0], "late", phone(99))
+        late = wait_admission(api, namespaces[0], "late", expected=False, reason="CapacityExceeded")
+        message = condition(late, "Admitted")["message"]
+        assert "35 of at most 35 sessions" in message
+        assert late["status"]["phase"] == "Waiting"
+        assert condition(late, "Reconciling")["status"] == "True"
+        events = client.CoreV1Api(api).list_namespaced_event(
+            namespaces[0], field_selector="involvedObject.name=late,reason=CapacityExceeded"
+        )
+        assert events.items, "no CapacityExceeded event"
+
+        for i in range(35):  # the admitted ones were not touched by the refusal
+            now = get(api, namespaces[i % 5], f"s{i}")
+            assert condition(now, "Admitted") == condition(first[f"s{i}"], "Admitted")
+
+        client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespaces[3], PLURAL, "s3")
+        wait_admission(api, namespaces[0], "late", expected=True, reason="Admitted")
+        total = sum(1 for ns in namespaces for s in list_sessions(api, ns) if admitted(s))
+        assert total == 35
+    assert runner.exit_code == 0, runner.output
+
+
+def test_tenant_quota_refuses_only_that_tenants_sessions(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    operator_env.setenv("WASO_METRICS_PORT", str(port))
+    api = control_plane.api
+    small, other = tenants.namespace("small"), tenants.namespace("other")
+    create_quota(api, small, maxSessions=2, maxPairingStreams=1)
+    with run_operator(tenants) as runner:
+        create_many(
+            api, [(small, f"s{i}", phone(i)) for i in range(3)] + [(other, f"o{i}", phone(10 + i)) for i in range(3)]
+        )
+        refused = wait_for(
+            lambda: [s for s in list_sessions(api, small) if admitted(s) is False] or None,
+            timeout=60,
+            what="one refused session in the small tenant",
+        )
+        assert len(refused) == 1
+        reason = condition(refused[0], "Admitted")
+        assert reason is not None
+        assert reason["reason"] == "QuotaExceeded"
+        assert "uses 2 of its 2 sessions" in reason["message"]
+        for i in range(3):
+            wait_admission(api, other, f"o{i}", expected=True, reason="Admitted")
+        quota = wait_for(
+            lambda: (q := get(api, small, "default", "tenantquotas")).get("status", {}).get("used") and q,
+            timeout=30,
+            what="quota status",
+        )
+        assert quota["status"]["used"] == {"sessions": 2}
+        assert quota["status"]["hard"] == {"sessions": 2}
+
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert f'waso_admission_refusals_total{{reason="QuotaExceeded",tenant="{small}"}} 1.0' in metrics
+        assert f'waso_sessions{{phase="Waiting",tenant="{small}"}} 1.0' in metrics
+
+        # Raising the quota admits the waiting session.
+        client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            GROUP, VERSION, small, "tenantquotas", "default", {"spec": {"maxSessions": 3}}
+        )
+        wait_admission(api, small, refused[0]["metadata"]["name"], expected=True, reason="Admitted")
+    assert runner.exit_code == 0, runner.output
+
+
+def test_older_session_wins_a_phone_number_claimed_by_two_tenants(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    api = control_plane.api
+    first, second = tenants.namespace("first"), tenants.namespace("second")
+    create_session(api, first, "mine", "+4915177777777")
+    time.sleep(1.1)  # creationTimestamp has one-second resolution
+    create_session(api, second, "theirs", "+4915177777777")
+    with run_operator(tenants) as runner:
+        wait_admission(api, first, "mine", expected=True, reason="Admitted")
+        loser = wait_admission(api, second, "theirs", expected=False, reason="PhoneNumberConflict")
+        assert condition(loser, "Stalled")["status"] == "True"
+        assert first not in condition(loser, "Admitted")["message"]  # no tenant leaks
+    assert runner.exit_code == 0, runner.output
+
+
+def test_suspend_frees_the_slot_and_a_second_quota_is_a_conflict(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    api = control_plane.api
+    ns = tenants.namespace("t")
+    create_quota(api, ns, maxSessions=1, maxPairingStreams=1)
+    time.sleep(1.1)
+    create_quota(api, ns, name="second", maxSessions=50)
+    with run_operator(tenants) as runner:
+        create_session(api, ns, "a", phone(1))
+        wait_admission(api, ns, "a", expected=True, reason="Admitted")
+        create_session(api, ns, "b", phone(2))
+        wait_admission(api, ns, "b", expected=False, reason="QuotaExceeded")
+        second = wait_for(
+            lambda: condition(get(api, ns, "second", "tenantquotas"), "Conflict"), timeout=30, what="Conflict"
+        )
+        assert (second["status"], second["reason"]) == ("True", "OlderQuotaExists")
+
+        client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, "a", {"spec": {"suspend": True}}
+        )
+        suspended = wait_admission(api, ns, "a", expected=False, reason="Suspended")
+        assert suspended["status"]["phase"] == "Suspended"
+        assert suspended["status"]["shard"] == 0  # keeps its shard and credentials
+        assert condition(suspended, "Ready")["status"] == "True"
+        wait_admission(api, ns, "b", expected=True, reason="Admitted")
+    assert runner.exit_code == 0, runner.output
+
+
+def test_runtime_service_account_is_confined_to_its_namespace(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    api = control_plane.api
+    mine, theirs = tenants.namespace("mine"), tenants.namespace("theirs")
+    with run_operator(tenants) as runner:
+        create_session(api, mine, "s", phone(1))
+        create_session(api, theirs, "s", phone(2))
+        rbac = client.RbacAuthorizationV1Api(api)
+        for ns in (mine, theirs):
+            wait_for(lambda ns=ns: rbac.list_namespaced_role_binding(ns).items, timeout=30, what=f"RoleBinding in {ns}")  # type: ignore[misc]
+    assert runner.exit_code == 0, runner.output
+
+    def allowed(namespace: str, verb: str, resource: str, subresource: str = "") -> bool:
+        review = client.AuthorizationV1Api(api).create_subject_access_review(
+            client.V1SubjectAccessReview(
+                spec=client.V1SubjectAccessReviewSpec(
+                    user=f"system:serviceaccount:{mine}:waso-runtime",
+                    groups=["system:serviceaccounts", f"system:serviceaccounts:{mine}"],
+                    resource_attributes=client.V1ResourceAttributes(
+                        namespace=namespace, verb=verb, group=GROUP, resource=resource, subresource=subresource
+                    ),
+                )
+            )
+        )
+        return bool(review.status.allowed)
+
+    assert allowed(mine, "patch", "whatsappsessions", "status")
+    assert allowed(mine, "watch", "whatsappsessions")
+    assert not allowed(theirs, "patch", "whatsappsessions", "status")
+    assert not allowed(theirs, "list", "whatsappsessions")
+    assert not allowed(mine, "patch", "whatsappsessions")  # spec is the platform engineer's
+    assert not allowed(mine, "patch", "tenantquotas", "status")
+
+
+def test_exactly_the_cap_is_admitted_from_200_concurrent_creates_across_a_restart(
+    control_plane: ControlPlane, tenants: Tenants, tmp_path: Path
+) -> None:
+    api = control_plane.api
+    namespaces = [tenants.namespace(f"t{i}") for i in range(10)]
+    env = {"WASO_MAX_SESSIONS": "35", "WASO_DEFAULT_QUOTA__MAX_SESSIONS": "100", "WASO_RUNTIME_IMAGE": "waso:test"}
+    log = tmp_path / "operator.log"
+
+    # Watch every admission as the API server reports it: the count must never exceed the cap.
+    peak = {"admitted": 0}
+    state: dict[str, bool] = {}
+    stop = threading.Event()
+
+    def observe() -> None:
+        custom = client.CustomObjectsApi(api)
+        stream = watch.Watch()
+        for event in stream.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, timeout_seconds=300):
+            obj = event["object"]
+            if not obj["metadata"]["namespace"].startswith(tenants.prefix):
+                continue
+            state[obj["metadata"]["uid"]] = event["type"] != "DELETED" and bool(admitted(obj))
+            peak["admitted"] = max(peak["admitted"], sum(state.values()))
+            if stop.is_set():
+                stream.stop()
+
+    observer = threading.Thread(target=observe, daemon=True)
+    observer.start()
+    specs = [(namespaces[i % 10], f"s{i}", phone(i)) for i in range(200)]
+    with operator_process(control_plane.kubeconfig, tenants.pattern, env, log) as first:
+        creator = threading.Thread(target=create_many, args=(api, specs))
+        creator.start()
+        wait_for(
+            lambda: sum(1 for ns in namespaces for s in list_sessions(api, ns) if admitted(s)) >= 10,
+            timeout=60,
+            what="the first admissions",
+        )
+        first.kill()  # half-way: sessions are still being created
+    creator.join()
+    with operator_process(control_plane.kubeconfig, tenants.pattern, env, log):
+
+        def all_decided() -> list[dict[str, object]] | None:
+            sessions = [s for ns in namespaces for s in list_sessions(api, ns)]
+            return sessions if len(sessions) == 200 and all(admitted(s) is not None for s in sessions) else None
+
+        sessions = wait_for(all_decided, timeout=120, what="a decision for all 200 sessions")
+        time.sleep(2)  # a last chance for a wrong extra admission to show up
+        sessions = all_decided() or sessions
+    stop.set()
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(  # wakes the observer's stream
+        GROUP, VERSION, namespaces[0], PLURAL, "s0", {"metadata": {"labels": {"done": "yes"}}}
+    )
+    observer.join(timeout=30)
+    assert sum(1 for s in sessions if admitted(s)) == 35, log.read_text()[-3000:]
+    assert {condition(s, "Admitted")["reason"] for s in sessions if not admitted(s)} == {"CapacityExceeded"}
+    assert peak["admitted"] == 35

@@ -1,0 +1,1 @@
+"""Command line: `waso operator`, and the tools for platform engineers."""

@@ -1,0 +1,77 @@
+"""kopf wiring: indexes feed the controller, watch events poke it. Nothing is decided here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from waso.api.base import GROUP, VERSION
+from waso.kube import KubeClient, load_api_client
+from waso.operator.config import load_config
+from waso.operator.controller import Controller
+from waso.operator.world import QuotaFacts, SessionFacts, quota_facts, session_facts
+
+SESSIONS = (GROUP, VERSION, "whatsappsessions")
+QUOTAS = (GROUP, VERSION, "tenantquotas")
+log = logging.getLogger("waso.operator")
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster credentials, else the kubeconfig named by KUBECONFIG at the time of login."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = load_config()
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.posting.level = logging.WARNING
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event is noise
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.waso.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="operator.waso.dev")
+    kube = KubeClient(load_api_client(config.write_concurrency), threads=config.write_concurrency)
+    memo.controller = Controller(config, kube)
+    memo.kube = kube
+    memo.task = asyncio.create_task(memo.controller.run(), name="waso-controller")
+    memo.metrics = start_http_server(config.metrics_port, addr="0.0.0.0") if config.metrics_port else None
+    log.info("waso operator started: max_sessions=%d transport=%s", config.max_sessions, config.transport)
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await memo.task
+    if memo.metrics is not None:
+        server, _thread = memo.metrics
+        server.shutdown()
+    memo.kube.close()
+
+
+@kopf.index(*SESSIONS)
+def sessions_by_tenant(body: kopf.Body, **_: Any) -> dict[str, SessionFacts]:
+    facts = session_facts(body)
+    return {facts.namespace: facts}
+
+
+@kopf.index(*QUOTAS)
+def quotas_by_tenant(body: kopf.Body, **_: Any) -> dict[str, QuotaFacts]:
+    facts = quota_facts(body)
+    return {facts.namespace: facts}
+
+
+@kopf.on.event(*SESSIONS)
+@kopf.on.event(*QUOTAS)
+def poke(memo: kopf.Memo, **kwargs: Any) -> None:
+    """Every watch event: the indexes are current, so the next pass sees it."""
+    sessions: kopf.Index[str, SessionFacts] = kwargs["sessions_by_tenant"]
+    quotas: kopf.Index[str, QuotaFacts] = kwargs["quotas_by_tenant"]
+    memo.controller.attach(sessions, quotas)
+    memo.controller.poke()

@@ -1,0 +1,181 @@
+"""The Kubernetes objects of one tenant's session pods, built as plain dicts.
+
+Pure functions of (tenant, quota, configuration, replicas): a unit test compares them
+without a cluster, and the controller applies them with server-side apply. The pod
+template passes PodSecurity ``restricted``; the runtime's Role allows only what the
+runtime needs in its own namespace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from waso.api.base import GROUP
+from waso.api.quota import TenantQuotaSpec
+from waso.operator.config import OperatorConfig
+from waso.operator.status import RUNTIME_PORT
+
+NAME = "waso-sessions"
+RUNTIME_ACCOUNT = "waso-runtime"
+DATA_DIR = "/var/lib/waso"
+RUNTIME_UID = 65532
+SELECTOR = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/instance": NAME}
+LABELS = {**SELECTOR, "app.kubernetes.io/part-of": "waso", "app.kubernetes.io/managed-by": "waso-operator"}
+
+
+def _meta(name: str, namespace: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": dict(LABELS)}
+
+
+def runtime_env(config: OperatorConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "WASO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "WASO_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": "WASO_SHARD",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}},
+        },
+        {"name": "WASO_TRANSPORT", "value": config.transport},
+        {"name": "WASO_DATA_DIR", "value": DATA_DIR},
+        {"name": "WASO_HTTP_PORT", "value": str(RUNTIME_PORT)},
+    ]
+    if config.simulator_url:
+        env.append({"name": "WASO_SIMULATOR_URL", "value": config.simulator_url})
+    if config.redis_url:
+        env.append({"name": "WASO_REDIS_URL", "value": config.redis_url})
+    return env
+
+
+def statefulset(namespace: str, quota: TenantQuotaSpec, config: OperatorConfig, replicas: int) -> dict[str, Any]:
+    resources = quota.pod_resources.to_wire()
+    probe = {"periodSeconds": 10, "timeoutSeconds": 2}
+    container = {
+        "name": "runtime",
+        "image": config.runtime_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": ["runtime"],
+        "env": runtime_env(config),
+        "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, **probe},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "failureThreshold": 6, **probe},
+        "resources": resources,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": config.volume_size}},
+    }
+    if config.storage_class:
+        claim_spec["storageClassName"] = config.storage_class
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _meta(NAME, namespace),
+        "spec": {
+            "serviceName": NAME,
+            "replicas": replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": dict(SELECTOR)},
+            # Credentials outlive scale-down and deletion: a shard that comes back finds its sessions' stores.
+            "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Retain", "whenDeleted": "Retain"},
+            "template": {
+                "metadata": {"labels": dict(LABELS)},
+                "spec": {
+                    "serviceAccountName": RUNTIME_ACCOUNT,
+                    "terminationGracePeriodSeconds": 30,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUNTIME_UID,
+                        "runAsGroup": RUNTIME_UID,
+                        "fsGroup": RUNTIME_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                },
+            },
+            "volumeClaimTemplates": [
+                {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"}, "spec": claim_spec}
+            ],
+        },
+    }
+
+
+def headless_service(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(NAME, namespace),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": dict(SELECTOR),
+            "ports": [{"name": "http", "port": RUNTIME_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def disruption_budget(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(NAME, namespace),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": dict(SELECTOR)}},
+    }
+
+
+def service_account(namespace: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(RUNTIME_ACCOUNT, namespace)}
+
+
+RUNTIME_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [GROUP], "resources": ["whatsappsessions", "tenantquotas"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [GROUP], "resources": ["whatsappsessions/status"], "verbs": ["get", "patch"]},
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    },
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+
+
+def runtime_role(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(RUNTIME_ACCOUNT, namespace),
+        "rules": RUNTIME_RULES,
+    }
+
+
+def runtime_role_binding(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(RUNTIME_ACCOUNT, namespace),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": RUNTIME_ACCOUNT},
+        "subjects": [{"kind": "ServiceAccount", "name": RUNTIME_ACCOUNT, "namespace": namespace}],
+    }
+
+
+def tenant_objects(
+    namespace: str, quota: TenantQuotaSpec, config: OperatorConfig, replicas: int
+) -> list[dict[str, Any]]:
+    """Everything one tenant's session pods need, in creation order."""
+    return [
+        service_account(namespace),
+        runtime_role(namespace),
+        runtime_role_binding(namespace),
+        headless_service(namespace),
+        disruption_budget(namespace),
+        statefulset(namespace, quota, config, replicas),
+    ]

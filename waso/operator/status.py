@@ -1,0 +1,207 @@
+"""The operator-owned part of a session's status, as a pure function of what is known.
+
+Conditions are rebuilt from the observed ones on every pass, so transition times are
+kept and an unchanged world yields an identical status (the controller then writes
+nothing). ``status.runtime`` belongs to the session runtime and is only read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from waso.api.base import format_timestamp
+from waso.api.conditions import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Progress,
+    Reason,
+    set_condition,
+    set_kstatus,
+)
+from waso.api.session import Phase, RuntimeState, RuntimeStatus
+from waso.operator.admission import Verdict
+from waso.operator.health import Health, device_health
+from waso.operator.world import QuotaFacts, SessionFacts
+
+RUNTIME_PORT = 8080
+_WAITING = {Reason.QUOTA_EXCEEDED, Reason.CAPACITY_EXCEEDED}
+
+
+@dataclass(frozen=True)
+class OperatorStatus:
+    """The fields of status that the operator owns."""
+
+    phase: Phase
+    conditions: tuple[Condition, ...]
+    observed_generation: int
+    shard: int | None
+    endpoint: str | None
+    admitted_at: datetime | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "conditions": [c.to_wire() for c in self.conditions],
+            "observedGeneration": self.observed_generation,
+            "shard": self.shard,
+            "endpoint": self.endpoint,
+            "admittedAt": format_timestamp(self.admitted_at) if self.admitted_at else None,
+        }
+
+
+def runtime_endpoint(namespace: str, name: str, shard: int) -> str:
+    return f"http://waso-sessions-{shard}.waso-sessions.{namespace}.svc:{RUNTIME_PORT}/v1/sessions/{name}"
+
+
+def _paired(runtime: RuntimeStatus | None) -> tuple[ConditionStatus, Reason, str]:
+    if runtime is None or runtime.state is None:
+        return "Unknown", Reason.NO_RUNTIME_REPORT, "no session runtime has reported yet"
+    if runtime.stored_jid:
+        return "True", Reason.PAIRED, f"credentials stored for {runtime.stored_jid}"
+    if runtime.state == RuntimeState.LOGGED_OUT:
+        return "False", Reason.LOGGED_OUT, "WhatsApp logged the device out; pair it again"
+    return "False", Reason.NOT_PAIRED, "no credentials stored: scan the QR code or enter the pairing code"
+
+
+def _connected(runtime: RuntimeStatus | None) -> tuple[ConditionStatus, Reason, str]:
+    if runtime is None or runtime.state is None:
+        return "Unknown", Reason.NO_RUNTIME_REPORT, "no session runtime has reported yet"
+    if runtime.state == RuntimeState.CONNECTED:
+        return "True", Reason.CONNECTED, f"connected as {runtime.jid}" if runtime.jid else "connected"
+    if runtime.state == RuntimeState.BANNED:
+        return "False", Reason.BANNED, runtime.last_error or "WhatsApp temporarily banned the account"
+    if runtime.state == RuntimeState.LOGGED_OUT:
+        return "False", Reason.LOGGED_OUT, runtime.last_error or "logged out"
+    detail = f": {runtime.last_error}" if runtime.last_error else ""
+    return "False", Reason.DISCONNECTED, f"runtime state {runtime.state.value}{detail}"
+
+
+def _summary(verdict: Verdict, runtime: RuntimeStatus | None, health: Health) -> tuple[Progress, str, str, Phase]:
+    if verdict.reason == Reason.PHONE_NUMBER_CONFLICT:
+        return "Stalled", verdict.reason, verdict.message, Phase.FAILED
+    if verdict.reason == Reason.SUSPENDED:
+        return "Ready", Reason.SUSPENDED, "suspended as the spec asks", Phase.SUSPENDED
+    if verdict.reason in _WAITING:
+        return "Reconciling", verdict.reason, verdict.message, Phase.WAITING
+    if health.healthy is False:
+        return "Stalled", health.reason, health.message, Phase.FAILED
+    state = runtime.state if runtime else None
+    if state is None or state in (RuntimeState.STOPPED, RuntimeState.CONNECTING):
+        return "Reconciling", Reason.PROGRESSING, "admitted; waiting for the session runtime to connect", Phase.STARTING
+    if state == RuntimeState.AWAITING_PAIRING:
+        return (
+            "Reconciling",
+            Reason.NOT_PAIRED,
+            "waiting for pairing: scan the QR code or enter the code",
+            Phase.PAIRING,
+        )
+    if state == RuntimeState.BANNED:
+        return "Stalled", Reason.BANNED, (runtime and runtime.last_error) or "temporarily banned", Phase.FAILED
+    if state == RuntimeState.CONNECTED and health.healthy:
+        return "Ready", Reason.READY, "connected and healthy", Phase.CONNECTED
+    if state == RuntimeState.LOGGED_OUT:
+        return "Reconciling", Reason.LOGGED_OUT, "logged out by WhatsApp; waiting for a new pairing", Phase.DISCONNECTED
+    return "Reconciling", Reason.DISCONNECTED, "reconnecting", Phase.DISCONNECTED
+
+
+def desired_status(
+    facts: SessionFacts, verdict: Verdict, shard: int | None, now: datetime, max_device_id: int | None = None
+) -> OperatorStatus:
+    generation = facts.generation
+    runtime = facts.runtime
+    health = device_health(runtime, max_device_id)
+    conditions = facts.status.conditions
+
+    def put(type_: str, status: ConditionStatus, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, type_, status, reason, message, observed_generation=generation, now=now)
+
+    put(ConditionType.ADMITTED, "True" if verdict.admitted else "False", verdict.reason, verdict.message)
+    put(ConditionType.PAIRED, *_paired(runtime))
+    put(ConditionType.CONNECTED, *_connected(runtime))
+    healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
+    put(ConditionType.DEVICE_HEALTHY, healthy, health.reason, health.message)
+    progress, reason, message, phase = _summary(verdict, runtime, health)
+    conditions = set_kstatus(conditions, progress, reason, message, observed_generation=generation, now=now)
+
+    admitted_at = facts.status.admitted_at
+    if verdict.admitted and (not facts.admitted or admitted_at is None):
+        admitted_at = now
+    return OperatorStatus(
+        phase=phase,
+        conditions=conditions,
+        observed_generation=generation,
+        shard=shard,
+        endpoint=runtime_endpoint(facts.namespace, facts.name, shard) if shard is not None else None,
+        admitted_at=admitted_at,
+    )
+
+
+def observed_operator_status(facts: SessionFacts) -> dict[str, Any]:
+    """The operator-owned fields as currently stored, in the same shape as OperatorStatus.to_wire()."""
+    status = facts.status
+    return {
+        "phase": status.phase.value if status.phase else None,
+        "conditions": [c.to_wire() for c in status.conditions],
+        "observedGeneration": status.observed_generation,
+        "shard": status.shard,
+        "endpoint": status.endpoint,
+        "admittedAt": format_timestamp(status.admitted_at) if status.admitted_at else None,
+    }
+
+
+def desired_quota_status(
+    quota: QuotaFacts, honoured: QuotaFacts | None, used_sessions: int, now: datetime
+) -> dict[str, Any]:
+    """Status of one TenantQuota: usage when it is the one in force, Conflict when an older one is."""
+    conditions = quota.status.conditions
+    generation = quota.generation
+    if honoured is None or honoured.uid == quota.uid:
+        conditions = set_condition(
+            conditions,
+            ConditionType.CONFLICT,
+            "False",
+            Reason.HONOURED,
+            "this quota applies to the namespace",
+            observed_generation=generation,
+            now=now,
+        )
+        conditions = set_kstatus(
+            conditions, "Ready", Reason.HONOURED, "in force", observed_generation=generation, now=now
+        )
+        hard: dict[str, Any] | None = {"sessions": quota.spec.max_sessions}
+        used: dict[str, Any] | None = {"sessions": used_sessions}
+    else:
+        message = f"TenantQuota {honoured.name} is older and is the one in force; delete this one"
+        conditions = set_condition(
+            conditions,
+            ConditionType.CONFLICT,
+            "True",
+            Reason.OLDER_QUOTA_EXISTS,
+            message,
+            observed_generation=generation,
+            now=now,
+        )
+        conditions = set_kstatus(
+            conditions, "Stalled", Reason.OLDER_QUOTA_EXISTS, message, observed_generation=generation, now=now
+        )
+        hard = used = None
+    return {
+        "hard": hard,
+        "used": used,
+        "conditions": [c.to_wire() for c in conditions],
+        "observedGeneration": generation,
+    }
+
+
+def observed_quota_status(quota: QuotaFacts) -> dict[str, Any]:
+    status = quota.status
+    return {
+        "hard": status.hard.to_wire() if status.hard else None,
+        "used": status.used.to_wire() if status.used else None,
+        "conditions": [c.to_wire() for c in status.conditions],
+        "observedGeneration": status.observed_generation,
+    }

@@ -1,0 +1,135 @@
+"""Plain facts about sessions and quotas, extracted once from API objects.
+
+Every decision module works on these frozen records instead of raw bodies, so a unit
+test can build a world in a few lines and the decisions never touch the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from waso.api.conditions import ConditionType, find_condition
+from waso.api.quota import TenantQuota, TenantQuotaSpec, TenantQuotaStatus
+from waso.api.session import RuntimeStatus, WhatsAppSession, WhatsAppSessionStatus
+
+SHARD_LABEL = "waso.dev/shard"
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    uid: str
+    namespace: str
+    name: str
+    phone_number: str
+    priority: int
+    suspend: bool
+    created: datetime
+    generation: int
+    resource_version: int
+    deleting: bool
+    shard: int | None
+    """The shard the session holds (label, else status); assigned once."""
+    admitted: bool
+    """Whether the last observed status says Admitted=True."""
+    status: WhatsAppSessionStatus
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def runtime(self) -> RuntimeStatus | None:
+        return self.status.runtime
+
+    @property
+    def queue_order(self) -> tuple[int, datetime, str, str]:
+        """Higher priority first, then older first; names break ties deterministically."""
+        return (-self.priority, self.created, self.namespace, self.name)
+
+    @property
+    def age_order(self) -> tuple[datetime, str, str]:
+        return (self.created, self.namespace, self.name)
+
+
+def session_facts(body: Mapping[str, Any]) -> SessionFacts:
+    """Facts of one WhatsAppSession body as delivered by the watch."""
+    session = WhatsAppSession.model_validate(dict(body))
+    meta, status = session.metadata, session.status or WhatsAppSessionStatus()
+    assert meta.uid is not None
+    assert meta.namespace is not None
+    assert meta.creation_timestamp is not None
+    label = meta.label(SHARD_LABEL)
+    shard = int(label) if label is not None and label.isdigit() else status.shard
+    admitted = find_condition(status.conditions, ConditionType.ADMITTED)
+    return SessionFacts(
+        uid=meta.uid,
+        namespace=meta.namespace,
+        name=meta.name,
+        phone_number=session.spec.phone_number,
+        priority=session.spec.priority,
+        suspend=session.spec.suspend,
+        created=meta.creation_timestamp,
+        generation=meta.generation or 0,
+        resource_version=_revision(meta.resource_version),
+        deleting=meta.deletion_timestamp is not None,
+        shard=shard,
+        admitted=admitted is not None and admitted.status == "True",
+        status=status,
+    )
+
+
+@dataclass(frozen=True)
+class QuotaFacts:
+    uid: str
+    namespace: str
+    name: str
+    created: datetime
+    generation: int
+    resource_version: int
+    spec: TenantQuotaSpec
+    status: TenantQuotaStatus
+
+    @property
+    def age_order(self) -> tuple[datetime, str]:
+        return (self.created, self.name)
+
+
+def quota_facts(body: Mapping[str, Any]) -> QuotaFacts:
+    quota = TenantQuota.model_validate(dict(body))
+    meta = quota.metadata
+    assert meta.uid is not None
+    assert meta.namespace is not None
+    assert meta.creation_timestamp is not None
+    return QuotaFacts(
+        uid=meta.uid,
+        namespace=meta.namespace,
+        name=meta.name,
+        created=meta.creation_timestamp,
+        generation=meta.generation or 0,
+        resource_version=_revision(meta.resource_version),
+        spec=quota.spec,
+        status=quota.status or TenantQuotaStatus(),
+    )
+
+
+def _revision(resource_version: str | None) -> int:
+    """etcd-backed API servers issue numeric, increasing resourceVersions; anything else reads as 0."""
+    return int(resource_version) if resource_version and resource_version.isdigit() else 0
+
+
+def honoured_quota(quotas: list[QuotaFacts]) -> QuotaFacts | None:
+    """The oldest quota of a namespace is the one in force."""
+    return min(quotas, key=lambda q: q.age_order, default=None)
+
+
+__all__ = [
+    "SHARD_LABEL",
+    "QuotaFacts",
+    "SessionFacts",
+    "honoured_quota",
+    "quota_facts",
+    "session_facts",
+]
