@@ -105,6 +105,7 @@ class Controller:
 
     async def reconcile_once(self) -> None:
         self.passes += 1
+        log.debug("pass %d starts", self.passes)
         now = self.clock()
         sessions = [self._effective(f) for facts in list(self.sessions.values()) for f in facts]
         for gone in set(self.ledger) - {s.uid for s in sessions}:
@@ -148,6 +149,13 @@ class Controller:
             self._write_quota(q, honoured[ns], used[ns], now) for ns, qs in quotas_by_ns.items() for q in qs
         ]
         await asyncio.gather(*quota_writes)
+        log.debug(
+            "pass %d: %d sessions, %d session writes, %d tenants",
+            self.passes,
+            len(sessions),
+            len(session_writes),
+            len(tenant_writes),
+        )
         metrics.publish_sessions(tally)
         metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
 
