@@ -34,6 +34,40 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from waso.session_runtime.config import RuntimeConfig
+
+    _logging(args.verbose)
+    try:
+        config = RuntimeConfig()  # from WASO_* variables
+    except ValidationError as error:
+        problems = "\n  ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        print(f"waso runtime: invalid configuration:\n  {problems}", file=sys.stderr)
+        return 2
+    from waso.session_runtime.runtime import serve
+
+    asyncio.run(serve(config))
+    return 0
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from waso.simulator.server import run
+
+    _logging(args.verbose)
+    run(args.host, args.port, qr_interval=args.qr_interval, auto_pair=args.auto_pair, first_device=args.first_device)
+    return 0
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="waso", description="WhatsApp Session Operator")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(handler=_operator)
+
+    runtime = commands.add_parser("runtime", help="run a session runtime (the container command of session pods)")
+    runtime.add_argument("-v", "--verbose", action="store_true")
+    runtime.set_defaults(handler=_runtime)
+
+    simulator = commands.add_parser("simulator", help="run the WhatsApp sandbox")
+    simulator.add_argument("--host", default="127.0.0.1")
+    simulator.add_argument("--port", type=int, default=8090)
+    simulator.add_argument("--qr-interval", type=float, default=20.0, help="seconds before a QR code rotates")
+    simulator.add_argument(
+        "--auto-pair", type=float, default=None, metavar="SECONDS", help="scan every QR code after SECONDS (demos)"
+    )
+    simulator.add_argument("--first-device", type=int, default=1, help="first device number of each account")
+    simulator.add_argument("-v", "--verbose", action="store_true")
+    simulator.set_defaults(handler=_simulator)
     return parser
 
 

@@ -1,0 +1,159 @@
+"""Helpers for runtime tests: real simulator and runtime processes, HTTP and SSE clients."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localcluster import die_with_parent
+
+from tests.support import free_port, wait_for
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+def http_json(method: str, url: str, body: Any = None, raw: bytes | None = None) -> Reply:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            payload = response.read()
+            return Reply(response.status, dict(response.headers), json.loads(payload) if payload else None)
+    except urllib.error.HTTPError as error:
+        payload = error.read()
+        try:
+            parsed = json.loads(payload)
+        except ValueError:
+            parsed = payload.decode()
+        return Reply(error.code, dict(error.headers), parsed)
+
+
+class SseStream:
+    """A Server-Sent-Events client on a raw connection, so a test can also drop it abruptly."""
+
+    def __init__(self, port: int, path: str, timeout: float = 30) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.connection.request("GET", path, headers={"Accept": "text/event-stream"})
+        self.response = self.connection.getresponse()
+        self.status = self.response.status
+        self.comments = 0
+
+    def next_event(self) -> tuple[str, dict[str, Any]] | None:
+        """The next event, or None when the server closed the stream."""
+        event, data = "message", ""
+        while True:
+            line = self.response.readline()
+            if not line:
+                return None
+            text = line.decode().rstrip("\n")
+            if text.startswith(":"):
+                self.comments += 1
+            elif text.startswith("event: "):
+                event = text[7:]
+            elif text.startswith("data: "):
+                data += text[6:]
+            elif text == "" and data:
+                return event, json.loads(data)
+
+    def until(self, wanted: str) -> dict[str, Any]:
+        while (item := self.next_event()) is not None:
+            if item[0] == wanted:
+                return item[1]
+        raise AssertionError(f"stream closed before a {wanted!r} event")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.sock and self.connection.sock.close()  # type: ignore[func-returns-value]
+        self.connection.close()
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(timeout=30)
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "waso.cli.main", *args],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+
+
+def _ready(process: Process, path: str) -> bool:
+    if process.proc.poll() is not None:
+        raise AssertionError(f"process exited with {process.proc.returncode}:\n{process.tail()}")
+    try:
+        with urllib.request.urlopen(process.url + path, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def simulator_process(log_dir: Path, *args: str) -> Iterator[Process]:
+    port = free_port()
+    log = log_dir / f"simulator-{port}.log"
+    process = Process(_spawn(["simulator", "--port", str(port), *args], {}, log), port, log)
+    try:
+        wait_for(lambda: _ready(process, "/healthz"), timeout=30, what="the simulator")
+        yield process
+    finally:
+        process.stop(kill=True)
+
+
+def start_runtime(
+    kubeconfig: Path, namespace: str, shard: int, data_dir: Path, simulator_url: str, log_dir: Path, **env: str
+) -> Process:
+    port = free_port()
+    log = log_dir / f"runtime-{namespace}-{shard}-{port}.log"
+    variables = {
+        "KUBECONFIG": str(kubeconfig),
+        "WASO_NAMESPACE": namespace,
+        "WASO_SHARD": str(shard),
+        "WASO_POD_NAME": f"waso-sessions-{shard}",
+        "WASO_TRANSPORT": "simulator",
+        "WASO_SIMULATOR_URL": simulator_url,
+        "WASO_DATA_DIR": str(data_dir),
+        "WASO_HTTP_HOST": "127.0.0.1",
+        "WASO_HTTP_PORT": str(port),
+        "WASO_LEASE_SECONDS": "3",
+        "WASO_HEARTBEAT_SECONDS": "2",
+        "WASO_QUOTA_REFRESH_SECONDS": "1",
+        **env,
+    }
+    process = Process(_spawn(["runtime"], variables, log), port, log)
+    wait_for(lambda: _ready(process, "/readyz"), timeout=60, what=f"runtime {namespace}/{shard} to be ready")
+    return process

@@ -1,0 +1,318 @@
+"""The session runtime as a real process, against the real API server and a real simulator process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes import client
+
+from tests.conftest import ControlPlane, RedisServer
+from tests.operator_support import Tenants, condition, create_quota, create_session, get
+from tests.runtime_support import Process, SseStream, http_json, simulator_process, start_runtime
+from tests.support import wait_for
+from waso.api.base import GROUP, VERSION
+
+PHONE = "+4915112345601"
+
+
+@pytest.fixture
+def tenants(control_plane: ControlPlane, crds: None) -> Iterator[Tenants]:
+    found = Tenants(control_plane.api)
+    try:
+        yield found
+    finally:
+        found.cleanup()
+
+
+@pytest.fixture
+def simulator(tmp_path: Path) -> Iterator[Process]:
+    with simulator_process(tmp_path, "--qr-interval", "3") as process:
+        yield process
+
+
+@pytest.fixture
+def operator(
+    control_plane: ControlPlane, tenants: Tenants, simulator: Process, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[KopfRunner]:
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    monkeypatch.setenv("WASO_METRICS_PORT", "0")
+    monkeypatch.setenv("WASO_TRANSPORT", "simulator")
+    monkeypatch.setenv("WASO_SIMULATOR_URL", simulator.url)
+    with KopfRunner(["run", "--standalone", "-m", "waso.operator.handlers", "-n", tenants.pattern], timeout=60) as runner:
+        yield runner
+    assert runner.exit_code == 0, runner.output
+
+
+class World:
+    """One tenant namespace with its runtimes, as a test drives it."""
+
+    def __init__(self, control_plane: ControlPlane, tenants: Tenants, simulator: Process, tmp_path: Path) -> None:
+        self.api = control_plane.api
+        self.kubeconfig = control_plane.kubeconfig
+        self.simulator = simulator
+        self.tmp = tmp_path
+        self.namespace = tenants.namespace("acme")
+        self.runtimes: list[Process] = []
+
+    def runtime(self, shard: int = 0, data: str = "data", **env: str) -> Process:
+        process = start_runtime(
+            self.kubeconfig, self.namespace, shard, self.tmp / data, self.simulator.url, self.tmp, **env
+        )
+        self.runtimes.append(process)
+        return process
+
+    def session(self, name: str = "s1", phone: str = PHONE, **spec: Any) -> None:
+        create_session(self.api, self.namespace, name, phone, **spec)
+
+    def runtime_status(self, name: str = "s1") -> dict[str, Any]:
+        runtime: dict[str, Any] = get(self.api, self.namespace, name).get("status", {}).get("runtime", {})
+        return runtime
+
+    def wait_state(self, state: str, name: str = "s1", timeout: float = 60) -> dict[str, Any]:
+        return wait_for(
+            lambda: (r := self.runtime_status(name)).get("state") == state and r,
+            timeout=timeout,
+            what=f"{name} runtime state {state} (runtime logs: {[p.log.name for p in self.runtimes]})",
+        )
+
+    def stats(self) -> dict[str, Any]:
+        body: dict[str, Any] = http_json("GET", self.simulator.url + "/v1/stats").body
+        return body
+
+    def pair_by_qr(self, runtime: Process, name: str = "s1", phone: str = PHONE) -> dict[str, Any]:
+        stream = SseStream(runtime.port, f"/v1/sessions/{name}/qr")
+        assert stream.status == 200
+        qr = stream.until("qr")
+        scanned = http_json("POST", f"{self.simulator.url}/v1/phones/{phone}/scan", {"code": qr["code"]})
+        assert scanned.status == 200, scanned.body
+        assert stream.until("paired") == {"jid": scanned.body["jid"]}
+        stream.close()
+        result: dict[str, Any] = scanned.body
+        return result
+
+    def stop(self) -> None:
+        for process in self.runtimes:
+            process.stop(kill=True)
+
+
+@pytest.fixture
+def world(
+    control_plane: ControlPlane, tenants: Tenants, simulator: Process, operator: KopfRunner, tmp_path: Path
+) -> Iterator[World]:
+    found = World(control_plane, tenants, simulator, tmp_path)
+    try:
+        yield found
+    finally:
+        found.stop()
+
+
+def test_qr_pairing_connects_with_the_right_identity(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    scanned = world.pair_by_qr(runtime)
+    status = world.wait_state("Connected")
+    assert status["jid"] == scanned["jid"] == "4915112345601:1@s.whatsapp.net"
+    assert status["deviceId"] == scanned["deviceId"] == 1
+    assert status["storedJid"] == scanned["jid"]
+    ready = wait_for(
+        lambda: (c := condition(get(world.api, world.namespace, "s1"), "Ready")) and c["status"] == "True" and c,
+        timeout=30,
+        what="Ready=True from the operator",
+    )
+    assert ready["reason"] == "Ready"
+
+
+def test_pair_code_pairing(world: World) -> None:
+    runtime = world.runtime()
+    world.session(pairing={"method": "PhoneCode"})
+    world.wait_state("AwaitingPairing")
+    reply = http_json("POST", f"{runtime.url}/v1/sessions/s1/pair-code")
+    assert reply.status == 200, reply.body
+    code = reply.body["code"]
+    assert len(code) == 9 and code[4] == "-"
+    wrong = http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/pair-code", {"code": "AAAA-AAAA"})
+    assert wrong.status == 422
+    confirmed = http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/pair-code", {"code": code})
+    assert confirmed.status == 200, confirmed.body
+    assert world.wait_state("Connected")["jid"] == confirmed.body["jid"]
+
+
+def test_restarted_runtime_reconnects_from_stored_credentials(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    scanned = world.pair_by_qr(runtime)
+    world.wait_state("Connected")
+    before = world.stats()["counters"]
+
+    runtime.stop(kill=True)
+    world.runtime()  # same data directory: the shard's volume
+    status = world.wait_state("Connected", timeout=60)
+    assert status["jid"] == scanned["jid"]
+    after = world.stats()["counters"]
+    assert after["links"] == before["links"] == 1  # no new device linked
+    assert after["qr_codes"] == before["qr_codes"]  # and no new QR code offered
+    assert after["logins"] == before["logins"] + 1
+
+
+def test_two_runtimes_on_one_shard_never_hold_two_sockets(world: World) -> None:
+    first = world.runtime()
+    second = world.runtime(WASO_POD_NAME="waso-sessions-0-twin")  # same shard, same volume, another pod
+    world.session()
+    world.wait_state("AwaitingPairing")
+    holder = first if _holds(world, first) else second
+    other = second if holder is first else first
+    jid = world.pair_by_qr(holder)["jid"]
+    world.wait_state("Connected")
+    time.sleep(4)  # more than a lease period: the other runtime keeps trying meanwhile
+
+    holder.stop(kill=True)  # the other takes over once the lease expires
+    wait_for(lambda: world.stats()["live"].get(jid) == 1 and _holds(world, other), timeout=60, what="takeover")
+    other.stop()  # graceful: releases the lease
+    restarted = world.runtime()
+    wait_for(lambda: world.stats()["live"].get(jid) == 1 and _holds(world, restarted), timeout=60, what="restart")
+
+    stats = world.stats()
+    assert stats["maxLive"][jid] == 1, stats
+    assert stats["counters"].get("stream_replaced", 0) == 0, stats
+
+
+def _holds(world: World, runtime: Process) -> bool:
+    lease = client.CoordinationV1Api(world.api).read_namespaced_lease("waso-session-s1", world.namespace)
+    holder = lease.spec.holder_identity or ""
+    return "/" in holder and _instance_of(runtime) == holder.split("/", 1)[1]
+
+
+def _instance_of(runtime: Process) -> str | None:
+    for line in runtime.log.read_text().splitlines():
+        if "instance " in line:
+            return line.rsplit("instance ", 1)[1].strip()
+    return None
+
+
+def _connected_session(world: World, runtime: Process, name: str, phone: str) -> None:
+    world.session(name, phone)
+    world.wait_state("AwaitingPairing", name)
+    world.pair_by_qr(runtime, name, phone)
+    world.wait_state("Connected", name)
+
+
+def _send(runtime: Process, name: str, text: str) -> Any:
+    return http_json("POST", f"{runtime.url}/v1/sessions/{name}/messages", {"to": "+4915199999999", "text": text})
+
+
+def test_messages_arrive_and_the_tenant_limit_answers_429_in_memory(world: World) -> None:
+    create_quota(world.api, world.namespace, messagesPerMinute=3, maxSessions=5, maxPairingStreams=2)
+    runtime = world.runtime()
+    _connected_session(world, runtime, "s1", PHONE)
+    replies = [_send(runtime, "s1", f"hello {i}") for i in range(4)]
+    assert [r.status for r in replies] == [202, 202, 202, 429]
+    assert int(replies[3].headers["Retry-After"]) >= 1
+    assert "3 messages per minute" in replies[3].body["error"]
+    log = http_json("GET", f"{world.simulator.url}/v1/messages?from={quote(PHONE)}").body
+    assert [m["text"] for m in log] == ["hello 0", "hello 1", "hello 2"]
+    assert {m["jid"] for m in log} == {"4915112345601:1@s.whatsapp.net"}
+
+
+def test_the_tenant_limit_is_shared_across_shards_through_redis(world: World, redis_server: RedisServer) -> None:
+    create_quota(world.api, world.namespace, messagesPerMinute=3, maxSessions=5, maxPairingStreams=2, sessionsPerPod=1)
+    shard0 = world.runtime(0, "data0", WASO_REDIS_URL=redis_server.url)
+    shard1 = world.runtime(1, "data1", WASO_REDIS_URL=redis_server.url)
+    _connected_session(world, shard0, "s1", PHONE)
+    assert get(world.api, world.namespace, "s1")["status"]["shard"] == 0
+    _connected_session(world, shard1, "s2", "+4915112345602")
+    assert get(world.api, world.namespace, "s2")["status"]["shard"] == 1
+    statuses = [_send(shard0, "s1", "a").status, _send(shard1, "s2", "b").status, _send(shard0, "s1", "c").status]
+    refused = _send(shard1, "s2", "d")
+    assert statuses == [202, 202, 202]
+    assert refused.status == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert len(http_json("GET", f"{world.simulator.url}/v1/messages").body) == 3
+
+
+def test_qr_streams_are_capped_time_out_and_free_their_slot(world: World) -> None:
+    create_quota(world.api, world.namespace, maxPairingStreams=1, maxSessions=5)
+    runtime = world.runtime(WASO_QR_STREAM_TIMEOUT="3", WASO_KEEPALIVE_SECONDS="0.5")
+    world.session()
+    world.wait_state("AwaitingPairing")
+    time.sleep(2)  # the runtime re-reads the TenantQuota every second here
+
+    first = SseStream(runtime.port, "/v1/sessions/s1/qr")
+    assert first.status == 200
+    assert first.until("qr")["code"].startswith("2@")
+    second = http_json("GET", f"{runtime.url}/v1/sessions/s1/qr")
+    assert second.status == 429
+    assert "maxPairingStreams" in second.body["error"]
+    assert second.headers["Retry-After"]
+
+    assert first.until("timeout") == {"after": 3.0}
+    assert first.next_event() is None  # the server closed the stream
+    assert first.comments >= 1  # keep-alive pings were sent
+
+    dropped = SseStream(runtime.port, "/v1/sessions/s1/qr")
+    assert dropped.status == 200
+    dropped.close()  # the client goes away without a word
+
+    def slot_free() -> SseStream | None:
+        stream = SseStream(runtime.port, "/v1/sessions/s1/qr")
+        if stream.status == 200:
+            return stream
+        stream.close()
+        return None
+
+    wait_for(slot_free, timeout=10, what="the dropped client's slot to be freed").close()
+
+
+def test_bad_requests_get_clear_4xx(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    url = f"{runtime.url}/v1/sessions"
+    cases = [
+        (http_json("POST", f"{url}/s1/messages", raw=b"{not json"), 400, "must be JSON"),
+        (http_json("POST", f"{url}/s1/messages", {"to": "0151", "text": ""}), 422, "to: String should match"),
+        (http_json("POST", f"{url}/s1/messages", {"to": "+4915199999999", "text": "x", "cc": 1}), 422, "cc"),
+        (http_json("POST", f"{url}/s1/messages", {"to": "+4915199999999", "text": "x"}), 409, "not connected"),
+        (http_json("POST", f"{url}/ghost/messages", {"to": "+4915199999999", "text": "x"}), 404, "not served"),
+        (http_json("POST", f"{url}/ghost/pair-code"), 404, "not served"),
+        (http_json("GET", f"{url}/s1/nothing"), 404, "Not Found"),
+        (http_json("POST", f"{url}/s1/messages", raw=b"x" * 70000), 413, "Too Large"),
+    ]
+    for reply, status, text in cases:
+        assert reply.status == status, (reply.status, reply.body)
+        assert text in reply.body["error"], reply.body
+
+
+def test_runtime_writes_status_only_on_change_and_stops_cleanly(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    world.pair_by_qr(runtime)
+    world.wait_state("Connected")
+    writes = _metric(runtime, "waso_runtime_status_writes_total")
+    time.sleep(5)  # lease renewals and keep-alives happen; nothing about the session changes
+    assert _metric(runtime, "waso_runtime_status_writes_total") == writes
+
+    runtime.stop()  # SIGTERM
+    assert runtime.proc.returncode == 0, runtime.tail()
+    assert world.runtime_status()["state"] == "Stopped"
+    lease = client.CoordinationV1Api(world.api).read_namespaced_lease("waso-session-s1", world.namespace)
+    assert lease.spec.holder_identity is None
+    assert world.stats()["live"] == {}
+
+
+def _metric(runtime: Process, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{runtime.url}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+__all__ = ["GROUP", "VERSION"]
