@@ -78,7 +78,8 @@ class SseStream:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.connection.sock and self.connection.sock.close()  # type: ignore[func-returns-value]
+            if self.connection.sock is not None:
+                self.connection.sock.close()
         self.connection.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,9 @@ def operator(
     monkeypatch.setenv("WASO_METRICS_PORT", "0")
     monkeypatch.setenv("WASO_TRANSPORT", "simulator")
     monkeypatch.setenv("WASO_SIMULATOR_URL", simulator.url)
-    with KopfRunner(["run", "--standalone", "-m", "waso.operator.handlers", "-n", tenants.pattern], timeout=60) as runner:
+    with KopfRunner(
+        ["run", "--standalone", "-m", "waso.operator.handlers", "-n", tenants.pattern], timeout=60
+    ) as runner:
         yield runner
     assert runner.exit_code == 0, runner.output
 
@@ -136,7 +139,7 @@ def test_pair_code_pairing(world: World) -> None:
     reply = http_json("POST", f"{runtime.url}/v1/sessions/s1/pair-code")
     assert reply.status == 200, reply.body
     code = reply.body["code"]
-    assert len(code) == 9 and code[4] == "-"
+    assert re.fullmatch(r"[A-Z0-9]{4}-[A-Z0-9]{4}", code)
     wrong = http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/pair-code", {"code": "AAAA-AAAA"})
     assert wrong.status == 422
     confirmed = http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/pair-code", {"code": code})

@@ -41,6 +41,8 @@ class RuntimeConfig(BaseSettings):
     """How often the namespace's TenantQuota is re-read."""
     default_quota: TenantQuotaSpec = TenantQuotaSpec()
     """Applies while the namespace has no TenantQuota (WASO_DEFAULT_QUOTA as JSON)."""
+    executor_threads: int = Field(default=256, ge=8, le=4096)
+    """neonize keeps one default-executor thread busy per live session, plus short calls."""
     device_name: str = "waso"
     instance: str = Field(default_factory=lambda: secrets.token_hex(4))
     """Distinguishes two processes with the same pod name in lease holder identities."""

@@ -96,7 +96,8 @@ async def qr_stream(request: web.Request) -> web.StreamResponse:
         metrics.QR_REFUSED.labels("tenant").inc()
         raise _error(
             web.HTTPTooManyRequests,
-            f"the tenant already has {streams['tenant']} of {tenant_cap} QR streams open (TenantQuota maxPairingStreams)",
+            f"the tenant already has {streams['tenant']} of {tenant_cap} QR streams open "
+            "(TenantQuota maxPairingStreams)",
             **{"Retry-After": "10"},
         )
     streams["pod"] += 1

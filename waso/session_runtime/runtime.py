@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -245,6 +246,8 @@ async def serve(config: RuntimeConfig) -> None:
 
     from waso.session_runtime.http import build_app
 
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(config.executor_threads, thread_name_prefix="transport"))
     kube = KubeClient(load_api_client(16), threads=16)
     runtime = Runtime(config, kube)
     await runtime.start()
@@ -258,7 +261,6 @@ async def serve(config: RuntimeConfig) -> None:
         config.namespace, config.shard_index, config.http_host, config.http_port, config.transport, config.instance,
     )  # fmt: skip
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

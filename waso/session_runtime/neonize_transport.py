@@ -1,0 +1,212 @@
+"""The transport to the real WhatsApp, through neonize (the Python binding of whatsmeow).
+
+Facts this module relies on (neonize 0.5.x): ``NewAClient(name, uuid=...)`` takes the
+store as ``name`` (a SQLite path; a relative one would land in the working directory,
+so the path is always absolute) and needs a ``uuid`` unique per session; ``connect()``
+runs whatsmeow in a default-executor thread for as long as the session is live (the
+runtime sizes that executor); events arrive as protobuf messages from a Go thread.
+The device identity lives in the ``jid`` column of ``whatsmeow_device``; reading it
+read-only tells whom a store holds without connecting. whatsmeow deletes the device
+itself on a 401 logout and does not reconnect after StreamReplaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from waso.session_runtime.transport import (
+    Connected,
+    Disconnected,
+    IncomingMessage,
+    LoggedOut,
+    Paired,
+    QrCode,
+    SessionIdentity,
+    StreamReplaced,
+    TemporaryBan,
+    Transport,
+    TransportError,
+    TransportEvent,
+)
+
+log = logging.getLogger("waso.runtime")
+STORE_FILE = "whatsmeow.db"
+QR_LIFETIME = timedelta(seconds=20)
+PAIRING_DEADLINE = timedelta(seconds=150)
+
+
+def stored_jid(store: Any) -> str | None:
+    """The JID in a whatsmeow SQLite store, read-only; None when the file or the device row is absent."""
+    if not store.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=2)) as db:
+            row = db.execute("SELECT jid FROM whatsmeow_device LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
+
+
+def jid_text(jid: Any) -> str:
+    """Format a neonize JID message as user[:device]@server."""
+    device = f":{jid.Device}" if jid.Device else ""
+    return f"{jid.User}{device}@{jid.Server or 's.whatsapp.net'}"
+
+
+def map_event(event: Any, now: datetime) -> TransportEvent | None:
+    """A neonize event message as a transport event (None: not something the supervisor follows)."""
+    from neonize.aioze.events import (
+        DisconnectedEv,
+        LoggedOutEv,
+        MessageEv,
+        PairStatusEv,
+        StreamReplacedEv,
+        TemporaryBanEv,
+    )
+
+    if isinstance(event, PairStatusEv):
+        if event.Error:
+            return Disconnected(f"pairing failed: {event.Error}")
+        return Paired(jid_text(event.ID))
+    if isinstance(event, LoggedOutEv):
+        from neonize.proto.Neonize_pb2 import ConnectFailureReason
+
+        reason = ConnectFailureReason.Name(event.Reason) if event.Reason else "LOGGED_OUT"
+        return LoggedOut(f"{reason}{' on connect' if event.OnConnect else ''}")
+    if isinstance(event, StreamReplacedEv):
+        return StreamReplaced()
+    if isinstance(event, TemporaryBanEv):
+        until = now + timedelta(seconds=event.Expire) if event.Expire else None
+        return TemporaryBan(until, f"temporary ban (code {event.Code})")
+    if isinstance(event, DisconnectedEv):
+        return Disconnected("disconnected by WhatsApp")
+    if isinstance(event, MessageEv):
+        text = event.Message.conversation or event.Message.extendedTextMessage.text
+        return IncomingMessage(jid_text(event.Info.MessageSource.Sender), text)
+    return None
+
+
+class NeonizeTransport(Transport):
+    def __init__(self, session: SessionIdentity) -> None:
+        super().__init__(session)
+        self.store = (session.store_dir / STORE_FILE).absolute()
+        self.client: Any = None
+        self._connect_task: asyncio.Future[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._pairing_deadline: asyncio.Task[None] | None = None
+
+    def stored_jid(self) -> str | None:
+        return stored_jid(self.store)
+
+    def _new_client(self) -> Any:
+        from neonize.aioze.client import NewAClient
+        from neonize.proto.waCompanionReg.WAWebProtobufsCompanionReg_pb2 import DeviceProps
+
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        props = DeviceProps(os=self.session.device_name, platformType=DeviceProps.DESKTOP)
+        return NewAClient(str(self.store), props=props, uuid=f"{self.session.namespace}/{self.session.name}")
+
+    async def start(self) -> None:
+        import neonize.aioze.events as neonize_events
+        from neonize.aioze.events import (
+            ConnectedEv,
+            DisconnectedEv,
+            LoggedOutEv,
+            MessageEv,
+            PairStatusEv,
+            StreamReplacedEv,
+            TemporaryBanEv,
+        )
+
+        # neonize keeps the loop that receives events in a process global, set only once.
+        neonize_events.event_global_loop = asyncio.get_running_loop()
+        client = self._new_client()
+        self.client = client
+
+        async def on_qr(_: Any, code: bytes) -> None:
+            self.events.put_nowait(QrCode(code.decode(), datetime.now(UTC) + QR_LIFETIME))
+            if self._pairing_deadline is None:
+                self._pairing_deadline = asyncio.create_task(self._expire_pairing())
+
+        async def on_connected(_: Any, __: Any) -> None:
+            me = client.me
+            jid = jid_text(me.JID) if me is not None and me.JID.User else (self.stored_jid() or "")
+            push_name = me.PushName if me is not None else None
+            self.events.put_nowait(Connected(jid, push_name or None))
+
+        async def forward(_: Any, event: Any) -> None:
+            mapped = map_event(event, datetime.now(UTC))
+            if mapped is not None:
+                self.events.put_nowait(mapped)
+
+        client.qr(on_qr)
+        client.event(ConnectedEv)(on_connected)
+        for kind in (PairStatusEv, LoggedOutEv, StreamReplacedEv, TemporaryBanEv, DisconnectedEv, MessageEv):
+            client.event(kind)(forward)
+        try:
+            self._connect_task = await client.connect()
+        except Exception as error:  # the Go side refused to start
+            self.events.put_nowait(Disconnected(f"connect failed: {error}"))
+            return
+        self._watcher = asyncio.create_task(self._watch_connect())
+
+    async def _expire_pairing(self) -> None:
+        """whatsmeow gives up on unscanned QR codes without telling Python; end the attempt ourselves."""
+        await asyncio.sleep(PAIRING_DEADLINE.total_seconds())
+        if self.stored_jid() is None:
+            self.events.put_nowait(Disconnected("pairing timed out: no QR scan or pairing code entered"))
+
+    async def _watch_connect(self) -> None:
+        """whatsmeow's connect call returns only when the session ends; its error is the reason."""
+        assert self._connect_task is not None
+        try:
+            # Shielded: cancelling neonize's connect task runs a blocking Go call on the event loop.
+            await asyncio.shield(self._connect_task)
+            self.events.put_nowait(Disconnected("connection ended"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.events.put_nowait(Disconnected(str(error) or type(error).__name__))
+
+    async def send_text(self, to: str, text: str) -> str:
+        if self.client is None:
+            raise TransportError("not connected")
+        from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message
+        from neonize.utils.jid import build_jid
+
+        try:
+            response = await self.client.send_message(build_jid(to.removeprefix("+")), Message(conversation=text))
+        except Exception as error:
+            raise TransportError(str(error)) from error
+        return str(response.ID)
+
+    async def request_pair_code(self) -> str:
+        if self.client is None:
+            raise TransportError("not connected")
+        try:
+            code: str = await self.client.PairPhone(self.session.phone_number.removeprefix("+"), True)
+        except Exception as error:
+            raise TransportError(str(error)) from error
+        return code
+
+    async def stop(self) -> None:
+        client, self.client = self.client, None
+        for task in (self._watcher, self._pairing_deadline):
+            if task is not None and not task.done():
+                task.cancel()
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.stop(), 15)  # whatsmeow Disconnect + end of the Go session
+            except Exception as error:
+                log.warning("%s: neonize stop failed: %s", self.session.name, error)
+        if self._connect_task is not None and not self._connect_task.done():
+            # Never cancel it (see _watch_connect); a dial in progress ends by its own timeout.
+            done, _ = await asyncio.wait({self._connect_task}, timeout=15)
+            if not done:
+                log.warning("%s: neonize session thread did not end; abandoning it", self.session.name)
+        self._watcher = self._connect_task = self._pairing_deadline = None
