@@ -15,12 +15,12 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from waso.api.base import format_timestamp
 from waso.api.session import RuntimeState
 from waso.operator.health import parse_jid
-from waso.session_runtime.lease_keeper import LeaseKeeper, session_lease_name
+from waso.session_runtime.lease_keeper import session_lease_name
 from waso.session_runtime.leases import still_held
 from waso.session_runtime.transport import (
     Connected,
@@ -64,6 +64,16 @@ class Backoff:
         self.attempt = 0
 
 
+class Leases(Protocol):
+    """What a supervisor needs of leases (LeaseKeeper in the runtime)."""
+
+    duration: int
+
+    async def hold(self, name: str) -> datetime | None: ...
+
+    async def release(self, name: str) -> None: ...
+
+
 Reporter = Callable[[str, dict[str, Any]], Awaitable[None]]
 Listener = asyncio.Queue[tuple[str, dict[str, Any]]]
 
@@ -74,7 +84,7 @@ class SessionSupervisor:
         identity: SessionIdentity,
         spec: SessionSpec,
         transport_factory: Callable[[SessionIdentity], Transport],
-        leases: LeaseKeeper,
+        leases: Leases,
         report: Reporter,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         backoff: Backoff | None = None,
@@ -209,7 +219,12 @@ class SessionSupervisor:
             await transport.stop()
 
     async def _on_event(self, event: TransportEvent) -> float | None:
-        """Apply one transport event; a delay when it ended the connection."""
+        """Apply one transport event and report; a delay when the event ended the connection."""
+        delay = self._apply(event)
+        await self._report()
+        return delay
+
+    def _apply(self, event: TransportEvent) -> float | None:
         name = self.identity.name
         if isinstance(event, QrCode):
             self.qr = event
@@ -239,15 +254,12 @@ class SessionSupervisor:
             )
             return max(60.0, self.backoff.next())
         elif isinstance(event, TemporaryBan):
-            self._disconnected(
-                RuntimeState.BANNED, f"{event.reason} until {event.until.isoformat() if event.until else 'unknown'}"
-            )
-            wait = (event.until - self.clock()).total_seconds() if event.until else 0.0
-            return max(60.0, wait)
+            until = event.until.isoformat() if event.until else "unknown"
+            self._disconnected(RuntimeState.BANNED, f"{event.reason} until {until}")
+            return max(60.0, (event.until - self.clock()).total_seconds() if event.until else 0.0)
         elif isinstance(event, Disconnected):
             self._disconnected(RuntimeState.DISCONNECTED, event.error)
             return self.backoff.next()
-        await self._report()
         return None
 
     def _disconnected(self, state: RuntimeState, error: str) -> None:
