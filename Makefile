@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/bin:$(PATH)
 
-.PHONY: help setup tools cluster-up cluster-down crds test lint format bench bench-operator
+.PHONY: help setup tools cluster-up cluster-down crds test lint format bench bench-operator bench-runtime
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -37,7 +37,10 @@ format: ## apply ruff's fixes and formatting
 test: lint ## lint, then every test against a fresh local control plane and Redis
 	$(PY) -m pytest
 
-bench: bench-operator ## every benchmark
+bench: bench-operator bench-runtime ## every benchmark
 
 bench-operator: ## 1000 sessions in 100 namespaces: operator time, peak RSS, ratio to a plain-client floor
 	PYTHONPATH=hack $(PY) hack/bench_operator.py
+
+bench-runtime: ## runtime memory per session (simulator, neonize) and message throughput against a floor
+	PYTHONPATH=hack $(PY) hack/bench_runtime.py
