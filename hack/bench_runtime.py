@@ -100,8 +100,8 @@ def run(kubeconfig: Path, tmp: Path) -> int:
     sim_url = f"http://127.0.0.1:{sim_port}"
     wait(lambda: http_ok(sim_url + "/healthz"), 30, "the simulator")
     common = {"KUBECONFIG": str(kubeconfig), "WASO_TRANSPORT": "simulator", "WASO_SIMULATOR_URL": sim_url}
-    operator = spawn(["operator", "-n", NAMESPACE],
-                     {**common, "WASO_METRICS_PORT": "0", "WASO_MAX_SESSIONS": "100"}, tmp / "operator.log")  # fmt: skip
+    operator_env = {**common, "WASO_METRICS_PORT": "0", "WASO_MAX_SESSIONS": "100"}
+    operator = spawn(["operator", "-n", NAMESPACE], operator_env, tmp / "operator.log")
     runtime = spawn(["runtime"], {
         **common, "WASO_NAMESPACE": NAMESPACE, "WASO_SHARD": "0", "WASO_POD_NAME": "waso-sessions-0",
         "WASO_DATA_DIR": str(tmp / "data"), "WASO_HTTP_HOST": "127.0.0.1", "WASO_HTTP_PORT": str(rt_port),
@@ -136,11 +136,13 @@ def run(kubeconfig: Path, tmp: Path) -> int:
     print(f"marginal memory per simulator session: {marginal:.2f} MiB (10 -> 50 sessions)")
     print(f"neonize clients on their own stores, one process: none: {neonize['base']:.1f} MiB, "
           f"1: {neonize['one']:.1f} MiB, "
-          f"50: {neonize['fifty']:.1f} MiB; marginal {(neonize['fifty'] - neonize['one']) / 49:.2f} MiB per client")  # fmt: skip
+          f"50: {neonize['fifty']:.1f} MiB; "
+          f"marginal {(neonize['fifty'] - neonize['one']) / 49:.2f} MiB per client")  # fmt: skip
     rate, floor_rate = sent / seconds, floor_sent / floor_seconds
     print(f"messages through the runtime API: {sent} in {seconds:.2f} s = {rate:.0f}/s")
     print(
-        f"floor, straight to the simulator over its WebSocket: {floor_sent} in {floor_seconds:.2f} s = {floor_rate:.0f}/s"
+        f"floor, straight to the simulator over its WebSocket: {floor_sent} in {floor_seconds:.2f} s "
+        f"= {floor_rate:.0f}/s"
     )
     print(f"ratio runtime/floor throughput: {rate / floor_rate:.2f}")
     return 0
