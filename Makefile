@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/bin:$(PATH)
 
-.PHONY: help setup tools cluster-up cluster-down crds test lint format bench bench-operator bench-runtime
+.PHONY: help setup tools cluster-up cluster-down crds test lint format bench bench-operator bench-runtime demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ cluster-up: ## start a local control plane on loopback (kubeconfig: .cluster/kub
 
 cluster-down: ## stop the local control plane and remove its data
 	$(PY) hack/localcluster.py down
+
+demo: ## local cluster, operator, node agent, simulator and the sample tenants; Ctrl-C stops it
+	PYTHONPATH=hack $(PY) hack/demo.py
 
 crds: ## regenerate crds/ from the models in waso/api
 	$(PY) hack/gen_crds.py
