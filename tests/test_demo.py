@@ -25,5 +25,5 @@ def test_demo_pairs_every_sample_session_in_its_tenants_pod(tmp_path: Path) -> N
     assert len(connected) == 4
     assert {row[4] for row in connected} == {"11"}  # device numbers above 10 are normal
     pods = [row for row in rows if len(row) > 2 and row[1].startswith("waso-sessions-")]
-    assert {(row[0], row[2]) for row in pods} == {("acme", "Running"), ("globex", "Running")}
+    assert {(row[0], row[2], row[3]) for row in pods} == {("acme", "1/1", "Running"), ("globex", "1/1", "Running")}
     assert "demo stopped" in result.stdout
