@@ -319,3 +319,55 @@ def _metric(runtime: Process, name: str) -> float:
 
 
 __all__ = ["GROUP", "VERSION"]
+
+
+def _fault(world: World, kind: str, **extra: Any) -> None:
+    reply = http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/faults", {"kind": kind, **extra})
+    assert reply.status == 200, reply.body
+
+
+def _condition_is(world: World, type_: str, status: str, reason: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (
+            (c := condition(get(world.api, world.namespace, "s1"), type_))
+            and (c["status"], c["reason"]) == (status, reason)
+            and c
+        ),
+        timeout=60,
+        what=f"{type_}={status} ({reason})",
+    )
+
+
+def test_injected_faults_show_in_runtime_status_and_conditions(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    first = world.pair_by_qr(runtime)["jid"]
+    world.wait_state("Connected")
+    _condition_is(world, "DeviceHealthy", "True", "Healthy")
+
+    _fault(world, "identity_mismatch")
+    _fault(world, "drop")  # the next login reports another device number than the one stored
+    mismatch = _condition_is(world, "DeviceHealthy", "False", "IdentityMismatch")
+    assert first in mismatch["message"]
+    _condition_is(world, "Stalled", "True", "IdentityMismatch")
+
+    _fault(world, "drop")  # an honest reconnect heals it
+    _condition_is(world, "DeviceHealthy", "True", "Healthy")
+    assert world.wait_state("Connected")["jid"] == first
+
+    _fault(world, "ban", seconds=3)
+    assert "banned" in world.wait_state("Banned")["lastError"]
+    _condition_is(world, "Stalled", "True", "Banned")
+    assert world.wait_state("Connected", timeout=30)["jid"] == first  # back once the ban expired
+
+    _fault(world, "logout")
+    world.wait_state("AwaitingPairing")  # credentials gone: a new QR code is offered
+    assert "storedJid" not in world.runtime_status()
+    _condition_is(world, "Paired", "False", "NotPaired")
+
+    second = world.pair_by_qr(runtime)
+    assert second["deviceId"] == 2  # a new link gets the account's next device number
+    world.wait_state("Connected")
+    _fault(world, "stream_replaced")
+    assert "stream replaced" in world.wait_state("Disconnected")["lastError"]

@@ -256,7 +256,8 @@ class SessionSupervisor:
         elif isinstance(event, TemporaryBan):
             until = event.until.isoformat() if event.until else "unknown"
             self._disconnected(RuntimeState.BANNED, f"{event.reason} until {until}")
-            return max(60.0, (event.until - self.clock()).total_seconds() if event.until else 0.0)
+            remaining = (event.until - self.clock()).total_seconds() if event.until else 60.0
+            return max(remaining, self.backoff.next())
         elif isinstance(event, Disconnected):
             self._disconnected(RuntimeState.DISCONNECTED, event.error)
             return self.backoff.next()
