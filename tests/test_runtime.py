@@ -327,15 +327,11 @@ def _fault(world: World, kind: str, **extra: Any) -> None:
 
 
 def _condition_is(world: World, type_: str, status: str, reason: str) -> dict[str, Any]:
-    return wait_for(
-        lambda: (
-            (c := condition(get(world.api, world.namespace, "s1"), type_))
-            and (c["status"], c["reason"]) == (status, reason)
-            and c
-        ),
-        timeout=60,
-        what=f"{type_}={status} ({reason})",
-    )
+    def matches() -> dict[str, Any] | None:
+        found = condition(get(world.api, world.namespace, "s1"), type_)
+        return found if found is not None and (found["status"], found["reason"]) == (status, reason) else None
+
+    return wait_for(matches, timeout=60, what=f"{type_}={status} ({reason})")
 
 
 def test_injected_faults_show_in_runtime_status_and_conditions(world: World) -> None:
