@@ -12,18 +12,20 @@ On a fresh local control plane with the operator and the simulator, in one run:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
 from kubernetes import client, config
-from localcluster import LocalCluster, die_with_parent
+from localcluster import LocalCluster, die_with_parent, free_port, http_ok, wait_until
 
 from waso.api.base import GROUP, VERSION
 
@@ -46,29 +48,8 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )  # fmt: skip
 
 
-def wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def http_ok(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    from localcluster import free_port as pick
-
-    return pick()
+def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    wait_until(predicate, timeout, what, lambda: "see the logs in the bench directory")
 
 
 def main() -> int:
@@ -120,7 +101,7 @@ def run(kubeconfig: Path, tmp: Path) -> int:
                     "spec": {"phoneNumber": f"+49151{created:08d}"},
                 })  # fmt: skip
                 created += 1
-            wait(lambda t=target: connected(custom) >= t, 120, f"{target} connected sessions")
+            wait(functools.partial(at_least_connected, custom, target), 120, f"{target} connected sessions")
             time.sleep(2)  # let allocations settle
             memory[target] = rss_mib(runtime.pid)
         sent, seconds = asyncio.run(send_through_runtime(rt_url, 3000))
@@ -146,6 +127,10 @@ def run(kubeconfig: Path, tmp: Path) -> int:
     )
     print(f"ratio runtime/floor throughput: {rate / floor_rate:.2f}")
     return 0
+
+
+def at_least_connected(custom: client.CustomObjectsApi, wanted: int) -> bool:
+    return connected(custom) >= wanted
 
 
 def connected(custom: client.CustomObjectsApi) -> int:

@@ -198,19 +198,19 @@ class LocalCluster:
         self.state = ClusterState(str(self.directory), server, str(self.kubeconfig), ports)
         try:
             self._spawn("etcd", self._etcd_args(ports), tied)
-            _wait_until(
-                lambda: _http_ok(f"http://127.0.0.1:{ports['etcd-client']}/health"),
+            wait_until(
+                lambda: http_ok(f"http://127.0.0.1:{ports['etcd-client']}/health"),
                 timeout,
                 "etcd health",
                 self._log_tail("etcd"),
             )
             self._spawn("kube-apiserver", self._apiserver_args(ports), tied)
-            _wait_until(
+            wait_until(
                 lambda: self._api_ok("/readyz"), timeout, "kube-apiserver /readyz", self._log_tail("kube-apiserver")
             )
             self._spawn("kube-controller-manager", self._controller_manager_args(ports), tied)
             self._spawn("kube-scheduler", self._scheduler_args(ports), tied)
-            _wait_until(
+            wait_until(
                 lambda: self._api_ok("/api/v1/namespaces/default/serviceaccounts/default"),
                 timeout,
                 "the default ServiceAccount (kube-controller-manager)",
@@ -273,7 +273,7 @@ class LocalCluster:
         assert self.state is not None
         context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
         context.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
-        return _http_ok(self.state.server + path, context)
+        return http_ok(self.state.server + path, context)
 
     def _etcd_args(self, ports: dict[str, int]) -> list[str]:
         client = f"http://127.0.0.1:{ports['etcd-client']}"
@@ -352,7 +352,7 @@ class LocalCluster:
         ]
 
 
-def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return bool(response.status == 200)
@@ -360,7 +360,7 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
         return False
 
 
-def _wait_until(check: Callable[[], bool], timeout: float, what: str, diagnose: Callable[[], str]) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str, diagnose: Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():

@@ -17,6 +17,7 @@ import pytest
 from kubernetes import client, config
 from localcluster import ClusterError, LocalCluster, die_with_parent
 
+from tests.operator_support import Tenants
 from tests.support import free_port, kubectl, wait_for, which_or_fail
 
 
@@ -121,3 +122,13 @@ def crds(control_plane: ControlPlane) -> None:
     crd_dir = Path(__file__).resolve().parent.parent / "crds"
     kubectl(control_plane.kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(crd_dir))
     kubectl(control_plane.kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(crd_dir))
+
+
+@pytest.fixture
+def tenants(control_plane: ControlPlane, crds: None) -> Iterator[Tenants]:
+    """Tenant namespaces under a prefix of their own, matched by an operator's namespace pattern."""
+    found = Tenants(control_plane.api)
+    try:
+        yield found
+    finally:
+        found.cleanup()

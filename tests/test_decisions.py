@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from waso.api.conditions import find_condition
+from waso.api.jid import parse_jid
 from waso.api.quota import TenantQuotaSpec
 from waso.api.session import RuntimeState, RuntimeStatus, WhatsAppSessionStatus
 from waso.operator.admission import ADMITTED, plan_admission
 from waso.operator.config import OperatorConfig
-from waso.operator.health import device_health, parse_jid
+from waso.operator.health import device_health
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.resources import RUNTIME_RULES, statefulset, tenant_objects
 from waso.operator.status import desired_status

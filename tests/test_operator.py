@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from tests.operator_support import (
 )
 from tests.support import free_port, wait_for
 from waso.api.base import GROUP, VERSION
-
-
-@pytest.fixture
-def tenants(control_plane: ControlPlane, crds: None) -> Iterator[Tenants]:
-    found = Tenants(control_plane.api)
-    try:
-        yield found
-    finally:
-        found.cleanup()
 
 
 @pytest.fixture

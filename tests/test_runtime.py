@@ -23,15 +23,6 @@ PHONE = "+4915112345601"
 
 
 @pytest.fixture
-def tenants(control_plane: ControlPlane, crds: None) -> Iterator[Tenants]:
-    found = Tenants(control_plane.api)
-    try:
-        yield found
-    finally:
-        found.cleanup()
-
-
-@pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[Process]:
     with simulator_process(tmp_path, "--qr-interval", "3") as process:
         yield process

@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from waso.api.base import format_timestamp
+from waso.api.jid import parse_jid
 from waso.api.session import RuntimeState
-from waso.operator.health import parse_jid
 from waso.session_runtime.lease_keeper import session_lease_name
 from waso.session_runtime.leases import still_held
 from waso.session_runtime.transport import (
