@@ -239,6 +239,28 @@ def test_pod_template_meets_pod_security_restricted_and_takes_quota_resources() 
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["resources"] == {"limits": {"memory": "1Gi"}}
     assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenScaled": "Retain", "whenDeleted": "Retain"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["WASO_EXECUTOR_THREADS"] == str(quota.sessions_per_pod + 16)
+
+
+def test_runtime_reads_the_operators_default_quota_from_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from waso.session_runtime.config import RuntimeConfig
+
+    operator = OperatorConfig(
+        default_quota=TenantQuotaSpec(messages_per_minute=7, max_sessions=3, max_pairing_streams=1)
+    )
+    container = statefulset("acme", TenantQuotaSpec(), operator, replicas=1)["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    for variable in container["env"]:
+        if "value" in variable:
+            monkeypatch.setenv(variable["name"], variable["value"])
+    monkeypatch.setenv("WASO_NAMESPACE", "acme")
+    monkeypatch.setenv("WASO_POD_NAME", "waso-sessions-2")
+    monkeypatch.delenv("WASO_SHARD", raising=False)
+    runtime = RuntimeConfig()
+    assert runtime.default_quota == operator.default_quota
+    assert runtime.shard == 2
 
 
 def test_runtime_role_is_namespaced_and_cannot_change_specs() -> None:

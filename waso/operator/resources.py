@@ -8,6 +8,7 @@ runtime needs in its own namespace.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from waso.api.base import GROUP
@@ -27,7 +28,7 @@ def _meta(name: str, namespace: str) -> dict[str, Any]:
     return {"name": name, "namespace": namespace, "labels": dict(LABELS)}
 
 
-def runtime_env(config: OperatorConfig) -> list[dict[str, Any]]:
+def runtime_env(config: OperatorConfig, quota: TenantQuotaSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "WASO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "WASO_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -38,6 +39,10 @@ def runtime_env(config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": "WASO_TRANSPORT", "value": config.transport},
         {"name": "WASO_DATA_DIR", "value": DATA_DIR},
         {"name": "WASO_HTTP_PORT", "value": str(RUNTIME_PORT)},
+        # neonize holds one executor thread per live session; leave room for short calls.
+        {"name": "WASO_EXECUTOR_THREADS", "value": str(quota.sessions_per_pod + 16)},
+        # What applies while the namespace has no TenantQuota of its own.
+        {"name": "WASO_DEFAULT_QUOTA", "value": json.dumps(config.default_quota.to_wire(), sort_keys=True)},
     ]
     if config.simulator_url:
         env.append({"name": "WASO_SIMULATOR_URL", "value": config.simulator_url})
@@ -54,7 +59,7 @@ def statefulset(namespace: str, quota: TenantQuotaSpec, config: OperatorConfig, 
         "image": config.runtime_image,
         "imagePullPolicy": config.image_pull_policy,
         "args": ["runtime"],
-        "env": runtime_env(config),
+        "env": runtime_env(config, quota),
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, **probe},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "failureThreshold": 6, **probe},
