@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from gen_crds import CRDS, REFERENCE, render, render_reference
+from gen_crds import CHART_CRDS, CRDS, REFERENCE, render, render_reference
 from pydantic import ValidationError
 
 from waso.api.conditions import (
@@ -26,12 +26,13 @@ from waso.api.session import WhatsAppSessionSpec
 T0 = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
 
-def test_crds_directory_is_current() -> None:
+@pytest.mark.parametrize("directory", [CRDS, CHART_CRDS], ids=["crds", "chart"])
+def test_crds_directory_is_current(directory: Path) -> None:
     wanted = build_crds()
-    on_disk = {p.name: p.read_text() for p in Path(CRDS).glob("*.yaml")}
-    assert set(on_disk) == set(wanted), "crds/ has other files than the generator writes: run `make crds`"
+    on_disk = {p.name: p.read_text() for p in Path(directory).glob("*.yaml")}
+    assert set(on_disk) == set(wanted), f"{directory} has other files than the generator writes: run `make crds`"
     for name, crd in wanted.items():
-        assert on_disk[name] == render(crd), f"crds/{name} is stale: run `make crds`"
+        assert on_disk[name] == render(crd), f"{directory}/{name} is stale: run `make crds`"
     assert REFERENCE.read_text() == render_reference(wanted), "docs/api-reference.md is stale: run `make crds`"
 
 
