@@ -46,7 +46,7 @@ def test_chart_lints_and_renders_a_valid_operator_configuration(
 ) -> None:
     lint = subprocess.run([str(BIN / "helm"), "lint", "--strict", str(CHART)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    docs = rendered("--set", "config.maxSessions=50", "--set", "config.maxDeviceId=10", "--set", "replicas=2")
+    docs = rendered("--set", "config.maxSessions=50", "--set", "config.maxDeviceId=10")
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     path = tmp_path / "config.yaml"
     path.write_text(config_map["data"]["config.yaml"])
@@ -57,7 +57,14 @@ def test_chart_lints_and_renders_a_valid_operator_configuration(
     assert (config.max_sessions, config.max_device_id, config.runtime_image) == (50, 10, "waso:dev")
     assert config.default_quota.sessions_per_pod == 20
     deployment = next(d for d in docs if d["kind"] == "Deployment")
-    assert "--peering=waso" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    refused = subprocess.run(
+        [str(BIN / "helm"), "template", "waso", str(CHART), "--kube-version", "1.36.3", "--set", "replicas=2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "replicas must be 1" in refused.stderr
 
 
 @pytest.fixture

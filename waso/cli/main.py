@@ -24,9 +24,9 @@ def _operator(args: argparse.Namespace) -> int:
     )
     logging.getLogger("waso.operator").info("configuration: max_sessions=%d", config.max_sessions)
     kopf.run(
-        standalone=args.peering is None,
-        peering_name=args.peering,
-        priority=args.priority,
+        # Standalone: with kopf peering, a paused standby would still run waso's controller loop
+        # (it is not a kopf handler), so one active replica is enforced by the Deployment instead.
+        standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         liveness_endpoint=args.liveness,
@@ -78,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "-n", "--namespace", action="append", help="watch only these namespaces (glob patterns); default: all"
     )
-    operator.add_argument("--peering", help="kopf peering name: run several replicas, one active (default: standalone)")
-    operator.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     operator.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(handler=_operator)
