@@ -97,9 +97,10 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         "WASO_RUNTIME_IMAGE": "waso:bench",
     }
     log = (tmp / "operator.log").open("wb")
+    # WASO_BENCH_WRAP prefixes the operator's command, e.g. with `py-spy record -o ... --duration 14 --`.
     started = time.monotonic()
     operator = subprocess.Popen(
-        [sys.executable, "-m", "waso.cli.main", "operator", "-v"],  # cluster-wide: one watch per kind
+        [*os.environ.get("WASO_BENCH_WRAP", "").split(), sys.executable, "-m", "waso.cli.main", "operator", "-v"],  # cluster-wide: one watch per kind
         env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
     )  # fmt: skip
     decided = 0
@@ -114,6 +115,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
             time.sleep(0.25)
         operator_seconds = time.monotonic() - started
         peak_rss_mib = _peak_rss_kib(operator.pid) / 1024
+        operator_cpu = _cpu_seconds(operator.pid)
     finally:
         operator.kill()
         operator.wait()
@@ -126,7 +128,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     print(f"sessions: {total} in {tenants} namespaces (created in {create_seconds:.1f} s by {threads} client threads)")
     print(f"operator: every session admitted and placed in {operator_seconds:.1f} s from operator start "
           f"({total / operator_seconds:.0f} sessions/s)")  # fmt: skip
-    print(f"operator peak RSS: {peak_rss_mib:.1f} MiB")
+    print(f"operator peak RSS: {peak_rss_mib:.1f} MiB; operator CPU time {operator_cpu:.1f} s")
     print(f"floor: {total} status writes by a plain client in {floor_seconds:.1f} s ({total / floor_seconds:.0f}/s)")
     print(f"ratio operator/floor: {operator_seconds / floor_seconds:.2f}")
     return 0
@@ -136,6 +138,11 @@ def _decided_and_placed(obj: dict[str, Any]) -> bool:
     status = obj.get("status", {})
     admitted = next((c for c in status.get("conditions", []) if c["type"] == "Admitted"), None)
     return admitted is not None and (admitted["status"] != "True" or status.get("shard") is not None)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _peak_rss_kib(pid: int) -> int:
