@@ -98,9 +98,10 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     }
     log = (tmp / "operator.log").open("wb")
     # WASO_BENCH_WRAP prefixes the operator's command, e.g. with `py-spy record -o ... --duration 14 --`.
+    wrapper = os.environ.get("WASO_BENCH_WRAP", "").split()
     started = time.monotonic()
     operator = subprocess.Popen(
-        [*os.environ.get("WASO_BENCH_WRAP", "").split(), sys.executable, "-m", "waso.cli.main", "operator", "-v"],  # cluster-wide: one watch per kind
+        [*wrapper, sys.executable, "-m", "waso.cli.main", "operator", "-v"],  # cluster-wide: one watch per kind
         env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
     )  # fmt: skip
     decided = 0
