@@ -16,7 +16,7 @@ from kubernetes import client
 from tests.conftest import ControlPlane, RedisServer
 from tests.operator_support import Tenants, condition, create_quota, create_session, get
 from tests.runtime_support import Process, SseStream, http_json, simulator_process, start_runtime
-from tests.support import wait_for
+from tests.support import kubectl, wait_for
 from waso.api.base import GROUP, VERSION
 
 PHONE = "+4915112345601"
@@ -115,12 +115,13 @@ def test_qr_pairing_connects_with_the_right_identity(world: World) -> None:
     assert status["jid"] == scanned["jid"] == "4915112345601:1@s.whatsapp.net"
     assert status["deviceId"] == scanned["deviceId"] == 1
     assert status["storedJid"] == scanned["jid"]
-    ready = wait_for(
-        lambda: (c := condition(get(world.api, world.namespace, "s1"), "Ready")) and c["status"] == "True" and c,
-        timeout=30,
-        what="Ready=True from the operator",
+    waited = kubectl(
+        world.kubeconfig, "wait", "--for=condition=Ready", "was/s1", "-n", world.namespace, "--timeout=30s"
     )
-    assert ready["reason"] == "Ready"
+    assert "condition met" in waited.stdout
+    ready = condition(get(world.api, world.namespace, "s1"), "Ready")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("True", "Ready")
 
 
 def test_pair_code_pairing(world: World) -> None:
