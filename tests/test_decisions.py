@@ -50,6 +50,8 @@ def facts(
         generation=1,
         resource_version=1,
         deleting=deleting,
+        deleting_since=T0 if deleting else None,
+        has_finalizer=shard is not None,
         shard=shard,
         admitted=False,
         status=WhatsAppSessionStatus(runtime=runtime),
@@ -287,3 +289,32 @@ def test_invalid_configuration_stops_the_operator_with_the_setting_named() -> No
 def test_simulator_transport_needs_its_url() -> None:
     with pytest.raises(ValueError, match="simulator_url"):
         OperatorConfig(transport="simulator")
+
+
+# -- deletion --------------------------------------------------------------------------------
+
+
+def test_the_credentials_finalizer_is_released_only_when_nothing_is_left_or_time_is_up() -> None:
+    from waso.operator.cleanup import release_finalizer, wants_finalizer
+
+    timeout = timedelta(minutes=5)
+    assert wants_finalizer(facts("s"), shard=0)
+    assert not wants_finalizer(facts("s", shard=0), shard=0)  # already on it
+    assert not wants_finalizer(facts("s"), shard=None)  # no shard, no credentials anywhere
+
+    never_served = facts("s", shard=0, deleting=True)
+    assert release_finalizer(never_served, T0, timeout) == release_finalizer(never_served, T0, timeout)
+    assert release_finalizer(never_served, T0, timeout).warning is False
+
+    served = facts("s", shard=0, deleting=True, runtime=RuntimeStatus(state=RuntimeState.CONNECTED))
+    assert release_finalizer(served, T0 + timedelta(minutes=1), timeout) is None  # the runtime is erasing
+    late = release_finalizer(served, T0 + timeout, timeout)
+    assert late is not None
+    assert late.warning
+    assert "may remain" in late.reason
+
+    erased = facts("s", shard=0, deleting=True, runtime=RuntimeStatus(state=RuntimeState.REMOVED))
+    released = release_finalizer(erased, T0, timeout)
+    assert released is not None
+    assert not released.warning
+    assert release_finalizer(facts("s", shard=0), T0, timeout) is None  # not being deleted

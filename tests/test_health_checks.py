@@ -27,7 +27,8 @@ JID = "4915112345601:53@s.whatsapp.net"
 def session(verdict: Verdict, runtime: RuntimeStatus | None = None, *, suspend: bool = False) -> dict[str, Any]:
     facts = SessionFacts(
         uid="u", namespace="acme", name="s", phone_number="+4915112345601", priority=0, suspend=suspend,
-        created=T0, generation=2, resource_version=1, deleting=False, shard=0, admitted=False,
+        created=T0, generation=2, resource_version=1, deleting=False, deleting_since=None,
+        has_finalizer=True, shard=0, admitted=False,
         status=WhatsAppSessionStatus(runtime=runtime),
     )  # fmt: skip
     status = desired_status(facts, verdict, 0, T0).to_wire()

@@ -109,6 +109,12 @@ def test_global_cap_refuses_the_36th_and_admits_it_when_a_slot_frees(
 
         client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespaces[3], PLURAL, "s3")
         wait_admission(api, namespaces[0], "late", expected=True, reason="Admitted")
+        # Never served by a runtime, s3 has no credentials to erase: its finalizer goes at once.
+        wait_for(
+            lambda: "s3" not in {s["metadata"]["name"] for s in list_sessions(api, namespaces[3])} or None,
+            timeout=30,
+            what="s3 to be gone",
+        )
         total = sum(1 for ns in namespaces for s in list_sessions(api, ns) if admitted(s))
         assert total == 35
     assert runner.exit_code == 0, runner.output

@@ -359,3 +359,30 @@ def test_injected_faults_show_in_runtime_status_and_conditions(world: World) -> 
     world.wait_state("Connected")
     _fault(world, "stream_replaced")
     assert "stream replaced" in world.wait_state("Disconnected")["lastError"]
+
+
+def test_deleting_a_session_unlinks_its_device_and_erases_its_credentials(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    world.pair_by_qr(runtime)
+    world.wait_state("Connected")
+    store = world.tmp / "data" / "sessions" / "s1"
+    assert (store / "simulator-credentials.json").exists()
+    assert world.stats()["accounts"][PHONE]["devices"] == [1]
+
+    client.CustomObjectsApi(world.api).delete_namespaced_custom_object(
+        GROUP, VERSION, world.namespace, "whatsappsessions", "s1"
+    )
+
+    def gone() -> bool:
+        try:
+            get(world.api, world.namespace, "s1")
+        except client.exceptions.ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, timeout=60, what="the session to be deleted once its credentials are erased")
+    assert world.stats()["accounts"][PHONE]["devices"] == []  # no longer in the phone's Linked devices
+    assert world.stats()["counters"]["unlinked"] == 1
+    assert not store.exists()

@@ -57,6 +57,8 @@ class Reason(StrEnum):
     """Stopped under capacity pressure with credentials kept; resumes when room appears."""
     PENDING = "Pending"
     """Not decided yet."""
+    DELETING = "Deleting"
+    """Being deleted: the runtime unlinks the device and erases the credentials; no slot is held."""
     # Runtime-derived
     NO_RUNTIME_REPORT = "NoRuntimeReport"
     """No session runtime has reported on this session yet."""

@@ -11,6 +11,8 @@ from waso.api.base import ApiModel, ObjectMeta, Timestamp
 from waso.api.conditions import Condition
 
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+CLEANUP_FINALIZER = "waso.dev/credentials"
+"""Held while a session's credentials may exist, so that deleting it unlinks the device first."""
 
 
 class PairingMethod(StrEnum):
@@ -33,6 +35,7 @@ class Phase(StrEnum):
     SUSPENDED = "Suspended"
     EVICTED = "Evicted"
     FAILED = "Failed"
+    DELETING = "Deleting"
 
 
 class RuntimeState(StrEnum):
@@ -43,6 +46,8 @@ class RuntimeState(StrEnum):
     DISCONNECTED = "Disconnected"
     LOGGED_OUT = "LoggedOut"
     BANNED = "Banned"
+    REMOVED = "Removed"
+    """The session is being deleted and its device was unlinked and its credentials erased."""
 
 
 class Pairing(ApiModel):

@@ -48,6 +48,8 @@ class OperatorConfig(BaseSettings):
     """Prometheus metrics port of the operator; 0 disables it."""
     resync_seconds: float = Field(default=30.0, gt=0, le=3600)
     """Full admission pass at least this often, even without events."""
+    cleanup_timeout_seconds: float = Field(default=300.0, gt=0, le=86400)
+    """How long a deleted session waits for its runtime to unlink the device and erase its credentials."""
     write_concurrency: int = Field(default=16, ge=1, le=256)
     """Status writes in flight at once."""
 

@@ -21,20 +21,23 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from waso.api.base import API_VERSION, format_timestamp
 from waso.api.conditions import ConditionType, Reason, find_condition
+from waso.api.session import CLEANUP_FINALIZER
 from waso.kube import KubeClient
 from waso.operator import metrics
 from waso.operator.admission import Verdict, plan_admission
+from waso.operator.cleanup import Release, release_finalizer, wants_finalizer
 from waso.operator.config import OperatorConfig
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.resources import tenant_objects
 from waso.operator.status import (
+    DELETING,
     OperatorStatus,
     desired_quota_status,
     desired_status,
@@ -44,6 +47,7 @@ from waso.operator.status import (
 from waso.operator.world import SHARD_LABEL, QuotaFacts, SessionFacts, honoured_quota
 
 MANAGER = "waso-operator"
+REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER_CONFLICT}
 log = logging.getLogger("waso.operator")
 
 Clock = Callable[[], datetime]
@@ -58,6 +62,7 @@ class Written:
     status: OperatorStatus
     admitted: bool
     shard: int | None
+    has_finalizer: bool
     resource_version: int
 
 
@@ -71,6 +76,7 @@ class Controller:
         self.ledger: dict[str, Written] = {}
         self.quota_ledger: dict[str, tuple[dict[str, Any], int]] = {}
         self.applied_tenants: dict[str, str] = {}
+        self.released: set[str] = set()
         self._wake = asyncio.Event()
         self._writes = asyncio.Semaphore(config.write_concurrency)
         self.passes = 0
@@ -108,8 +114,10 @@ class Controller:
         log.debug("pass %d starts", self.passes)
         now = self.clock()
         sessions = [self._effective(f) for facts in list(self.sessions.values()) for f in facts]
-        for gone in set(self.ledger) - {s.uid for s in sessions}:
+        present = {s.uid for s in sessions}
+        for gone in set(self.ledger) - present:
             del self.ledger[gone]
+        self.released &= present
         quotas_by_ns = {ns: list(qs) for ns, qs in list(self.quotas.items())}
         honoured = {ns: honoured_quota(qs) for ns, qs in quotas_by_ns.items()}
         namespaces = {s.namespace for s in sessions}
@@ -133,14 +141,28 @@ class Controller:
 
         session_writes = []
         tally: Counter[tuple[str, str]] = Counter()
+        timeout = timedelta(seconds=self.config.cleanup_timeout_seconds)
         for session in sessions:
-            if session.deleting or session.uid not in verdicts:
+            if session.deleting:
+                release = release_finalizer(session, now, timeout)
+                if release is not None and session.uid not in self.released:
+                    session_writes.append(self._release(session, release))
+                elif release is None and session.has_finalizer:
+                    # Shown while the runtime erases the credentials; no slot is held meanwhile.
+                    desired = desired_status(session, DELETING, session.shard, now, self.config.max_device_id)
+                    if desired.to_wire() != observed_operator_status(session):
+                        session_writes.append(self._write_session(session, DELETING, desired))
                 continue
-            desired = desired_status(
-                session, verdicts[session.uid], shards.get(session.uid), now, self.config.max_device_id
-            )
+            if session.uid not in verdicts:
+                continue
+            shard = shards.get(session.uid)
+            desired = desired_status(session, verdicts[session.uid], shard, now, self.config.max_device_id)
             tally[(session.namespace, desired.phase.value)] += 1
-            if desired.to_wire() != observed_operator_status(session) or shards.get(session.uid) != session.shard:
+            if (
+                desired.to_wire() != observed_operator_status(session)
+                or shard != session.shard
+                or wants_finalizer(session, shard)
+            ):
                 session_writes.append(self._write_session(session, verdicts[session.uid], desired))
         await asyncio.gather(*session_writes)
 
@@ -180,7 +202,13 @@ class Controller:
                 "admitted_at": written.status.admitted_at,
             }
         )
-        return replace(facts, admitted=written.admitted, shard=written.shard, status=status)
+        return replace(
+            facts,
+            admitted=written.admitted,
+            shard=written.shard,
+            has_finalizer=facts.has_finalizer or written.has_finalizer,
+            status=status,
+        )
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -192,10 +220,12 @@ class Controller:
         }
         async with self._writes:
             try:
-                if desired.shard is not None and desired.shard != session.shard:
-                    await self.kube.merge_patch(
-                        ref, {"metadata": {"labels": {SHARD_LABEL: str(desired.shard)}}}, MANAGER
-                    )
+                if (
+                    not session.deleting
+                    and desired.shard is not None
+                    and (desired.shard != session.shard or not session.has_finalizer)
+                ):
+                    await self.kube.apply(_ownership(ref, desired.shard, finalizer=True), MANAGER)
                 result = await self.kube.merge_patch(ref, {"status": desired.to_wire()}, MANAGER, "status")
             except ApiException as error:
                 if error.status != 404:  # deleted meanwhile: nothing to do
@@ -204,32 +234,62 @@ class Controller:
                 return
             metrics.STATUS_WRITES.labels("WhatsAppSession").inc()
             revision = int(result["metadata"]["resourceVersion"])
-            self.ledger[session.uid] = Written(desired, verdict.admitted, desired.shard, revision)
+            self.ledger[session.uid] = Written(
+                desired, verdict.admitted, desired.shard, desired.shard is not None, revision
+            )
             await self._announce(session, verdict, result)
+
+    async def _release(self, session: SessionFacts, release: Release) -> None:
+        """Let a deleted session go: drop the credentials finalizer this operator applied."""
+        ref = {
+            "apiVersion": API_VERSION,
+            "kind": "WhatsAppSession",
+            "metadata": {"namespace": session.namespace, "name": session.name},
+        }
+        async with self._writes:
+            try:
+                await self.kube.apply(_ownership(ref, session.shard, finalizer=False), MANAGER)
+            except ApiException as error:
+                if error.status != 404:
+                    log.warning("finalizer of %s not released: %s %s", session.key, error.status, error.reason)
+                    self.poke()
+                return
+        self.released.add(session.uid)
+        log.info("%s: released (%s)", session.key, release.reason)
+        if release.warning:
+            await self._event(session, "CredentialsNotErased", release.reason, "Warning", None)
 
     async def _announce(self, session: SessionFacts, verdict: Verdict, result: dict[str, Any]) -> None:
         """An Event when the admission decision changed, and the refusal counter."""
         before = find_condition(session.status.conditions, ConditionType.ADMITTED)
         if before is not None and before.reason == verdict.reason:
             return
-        if not verdict.admitted:
+        if verdict.reason in REFUSALS:
             metrics.REFUSALS.labels(session.namespace, verdict.reason.value).inc()
+        kind = "Warning" if verdict.reason in REFUSALS else "Normal"
+        await self._event(session, verdict.reason.value, verdict.message, kind, result["metadata"]["resourceVersion"])
+
+    async def _event(
+        self, session: SessionFacts, reason: str, message: str, kind: str, resource_version: str | None
+    ) -> None:
         now = format_timestamp(self.clock())
+        involved = {
+            "apiVersion": API_VERSION,
+            "kind": "WhatsAppSession",
+            "name": session.name,
+            "namespace": session.namespace,
+            "uid": session.uid,
+        }
+        if resource_version is not None:
+            involved["resourceVersion"] = resource_version
         event = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{session.name}.", "namespace": session.namespace},
-            "involvedObject": {
-                "apiVersion": API_VERSION,
-                "kind": "WhatsAppSession",
-                "name": session.name,
-                "namespace": session.namespace,
-                "uid": session.uid,
-                "resourceVersion": result["metadata"]["resourceVersion"],
-            },
-            "reason": verdict.reason.value,
-            "message": verdict.message,
-            "type": "Normal" if verdict.admitted or verdict.reason == Reason.SUSPENDED else "Warning",
+            "involvedObject": involved,
+            "reason": reason,
+            "message": message,
+            "type": kind,
             "source": {"component": MANAGER},
             "reportingComponent": "waso.dev/operator",
             "firstTimestamp": now,
@@ -287,6 +347,14 @@ class Controller:
                 return
         self.applied_tenants[namespace] = fingerprint
         log.info("tenant %s: %d session pod(s)", namespace, replicas)
+
+
+def _ownership(ref: dict[str, Any], shard: int | None, *, finalizer: bool) -> dict[str, Any]:
+    """The metadata this operator owns on a session (server-side apply): shard label and finalizer."""
+    metadata: dict[str, Any] = {**ref["metadata"], "finalizers": [CLEANUP_FINALIZER] if finalizer else []}
+    if shard is not None:
+        metadata["labels"] = {SHARD_LABEL: str(shard)}
+    return {"apiVersion": ref["apiVersion"], "kind": ref["kind"], "metadata": metadata}
 
 
 def _same_status(desired: dict[str, Any], current: dict[str, Any]) -> bool:

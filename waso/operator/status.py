@@ -84,6 +84,8 @@ def _summary(verdict: Verdict, runtime: RuntimeStatus | None, health: Health) ->
         return "Stalled", verdict.reason, verdict.message, Phase.FAILED
     if verdict.reason == Reason.SUSPENDED:
         return "Ready", Reason.SUSPENDED, "suspended as the spec asks", Phase.SUSPENDED
+    if verdict.reason == Reason.DELETING:
+        return "Reconciling", verdict.reason, verdict.message, Phase.DELETING
     if verdict.reason in _WAITING:
         return "Reconciling", verdict.reason, verdict.message, Phase.WAITING
     if health.healthy is False:
@@ -105,6 +107,11 @@ def _summary(verdict: Verdict, runtime: RuntimeStatus | None, health: Health) ->
     if state == RuntimeState.LOGGED_OUT:
         return "Reconciling", Reason.LOGGED_OUT, "logged out by WhatsApp; waiting for a new pairing", Phase.DISCONNECTED
     return "Reconciling", Reason.DISCONNECTED, "reconnecting", Phase.DISCONNECTED
+
+
+DELETING = Verdict(
+    False, Reason.DELETING, "being deleted: the session runtime unlinks the device and erases its credentials"
+)
 
 
 def desired_status(

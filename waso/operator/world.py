@@ -13,7 +13,7 @@ from typing import Any
 
 from waso.api.conditions import ConditionType, find_condition
 from waso.api.quota import TenantQuota, TenantQuotaSpec, TenantQuotaStatus
-from waso.api.session import RuntimeStatus, WhatsAppSession, WhatsAppSessionStatus
+from waso.api.session import CLEANUP_FINALIZER, RuntimeStatus, WhatsAppSession, WhatsAppSessionStatus
 
 SHARD_LABEL = "waso.dev/shard"
 
@@ -30,6 +30,9 @@ class SessionFacts:
     generation: int
     resource_version: int
     deleting: bool
+    deleting_since: datetime | None
+    has_finalizer: bool
+    """Whether the credentials finalizer is on the object."""
     shard: int | None
     """The shard the session holds (label, else status); assigned once."""
     admitted: bool
@@ -75,6 +78,8 @@ def session_facts(body: Mapping[str, Any]) -> SessionFacts:
         generation=meta.generation or 0,
         resource_version=_revision(meta.resource_version),
         deleting=meta.deletion_timestamp is not None,
+        deleting_since=meta.deletion_timestamp,
+        has_finalizer=CLEANUP_FINALIZER in (meta.finalizers or []),
         shard=shard,
         admitted=admitted is not None and admitted.status == "True",
         status=status,

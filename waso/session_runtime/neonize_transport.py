@@ -194,6 +194,25 @@ class NeonizeTransport(Transport):
             raise TransportError(str(error)) from error
         return code
 
+    async def unlink(self) -> None:
+        if self.stored_jid() is None:
+            return
+        await self.start()
+        try:
+            async with asyncio.timeout(30):
+                while not isinstance(event := await self.events.get(), Connected):
+                    if isinstance(event, (Disconnected, LoggedOut, StreamReplaced, TemporaryBan)):
+                        raise TransportError(f"cannot unlink the device: {getattr(event, 'error', event)}")
+            await self.client.logout()
+        except TimeoutError:
+            raise TransportError("cannot unlink the device: no connection within 30 s") from None
+        except TransportError:
+            raise
+        except Exception as error:
+            raise TransportError(f"cannot unlink the device: {error}") from error
+        finally:
+            await self.stop()
+
     async def stop(self) -> None:
         client, self.client = self.client, None
         for task in (self._watcher, self._pairing_deadline):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from waso.api.base import API_VERSION, GROUP, VERSION
 from waso.api.quota import TenantQuota, TenantQuotaSpec
-from waso.api.session import WhatsAppSession
+from waso.api.session import CLEANUP_FINALIZER, RuntimeState, WhatsAppSession
 from waso.kube import KubeClient, load_api_client
 from waso.operator.world import SHARD_LABEL, honoured_quota, quota_facts
 from waso.session_runtime import metrics
@@ -32,7 +33,7 @@ from waso.session_runtime.config import RuntimeConfig
 from waso.session_runtime.lease_keeper import LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from waso.session_runtime.supervisor import SessionSpec, SessionSupervisor
-from waso.session_runtime.transport import SessionIdentity, Transport
+from waso.session_runtime.transport import SessionIdentity, Transport, TransportError
 
 MANAGER = "waso-runtime"
 log = logging.getLogger("waso.runtime")
@@ -87,6 +88,7 @@ class Runtime:
         self.reporter = StatusReporter(kube, self.namespace)
         self.sessions: dict[str, SessionSupervisor] = {}
         self.objects: dict[str, WhatsAppSession] = {}
+        self.erasing: set[str] = set()
         self.quota = config.default_quota
         self.synced = asyncio.Event()
         self.heartbeat_ok = False
@@ -138,6 +140,28 @@ class Runtime:
             self.sessions[name] = supervisor
             supervisor.start()
         supervisor.want(wants_running(session))
+        deleting = session.metadata.deletion_timestamp is not None
+        if deleting and CLEANUP_FINALIZER in (session.metadata.finalizers or []) and name not in self.erasing:
+            self.erasing.add(name)
+            self._tasks.append(asyncio.create_task(self._erase(name, supervisor)))
+
+    async def _erase(self, name: str, supervisor: SessionSupervisor) -> None:
+        """A deleted session: disconnect, unlink the device at WhatsApp, erase the store, report Removed."""
+        await supervisor.close()
+        lease = supervisor.lease_name
+        if await self.leases.hold(lease) is None:
+            log.info("%s: another runtime holds the session; it erases the credentials", name)
+            return
+        error = None
+        try:
+            await self.make_transport(supervisor.identity).unlink()
+        except TransportError as failure:
+            error = f"{failure}; credentials erased on this volume only"
+            log.warning("%s: %s", name, error)
+        shutil.rmtree(supervisor.identity.store_dir, ignore_errors=True)
+        await self.leases.release(lease)
+        await self.reporter(name, {"state": RuntimeState.REMOVED.value, **({"lastError": error} if error else {})})
+        log.info("%s: device unlinked and credentials erased", name)
 
     async def _retire(self, name: str, supervisor: SessionSupervisor) -> None:
         await supervisor.close()

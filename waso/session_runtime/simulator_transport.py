@@ -136,6 +136,23 @@ class SimulatorTransport(Transport):
         code = str(answer["code"])
         return f"{code[:4]}-{code[4:]}"
 
+    async def unlink(self) -> None:
+        credentials = self._credentials()
+        if credentials is None:
+            return
+        try:
+            async with self.http.ws_connect(self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
+                await ws.send_json({"type": "hello", "phone": self.session.phone_number, "credentials": credentials})
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    async for frame in ws:
+                        kind = json.loads(frame.data).get("type") if frame.type == aiohttp.WSMsgType.TEXT else None
+                        if kind == "connected":
+                            await ws.send_json({"type": "logout"})
+                        elif kind == "logged_out":
+                            break
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise TransportError(f"cannot unlink the device: {error or type(error).__name__}") from error
+
     async def stop(self) -> None:
         if self._ws is not None:
             with contextlib.suppress(Exception):

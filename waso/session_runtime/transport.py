@@ -106,3 +106,7 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def request_pair_code(self) -> str:
         """Ask for an 8-character code to type on the phone (Link with phone number)."""
+
+    @abc.abstractmethod
+    async def unlink(self) -> None:
+        """Log the stored device out at WhatsApp (it leaves the phone's Linked devices); raises TransportError."""

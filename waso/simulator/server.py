@@ -193,6 +193,13 @@ class Simulator:
             if kind == "pair_code_request" and conn.device is None:
                 conn.pair_code = "".join(secrets.choice(_PAIR_ALPHABET) for _ in range(8))
                 await conn.ws.send_json({"type": "pair_code", "code": conn.pair_code})
+            elif kind == "logout" and conn.device is not None:
+                # The companion logs itself out: WhatsApp forgets the device.
+                account.devices.pop(conn.device.device_id, None)
+                self.counters["unlinked"] += 1
+                await conn.ws.send_json({"type": "logged_out", "reason": 401, "message": "logged out by the companion"})
+                await conn.ws.close()
+                break
             elif kind == "send" and conn.device is not None:
                 record = {
                     "id": next(self._ids),
