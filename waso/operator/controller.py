@@ -137,7 +137,6 @@ class Controller:
             shards.update(tenant_shards)
             replicas = replicas_needed(tenant_shards, running)
             tenant_writes.append(self._ensure_tenant(namespace, replicas, has_sessions=namespace in namespaces))
-        await asyncio.gather(*tenant_writes)
 
         session_writes = []
         tally: Counter[tuple[str, str]] = Counter()
@@ -164,13 +163,13 @@ class Controller:
                 or wants_finalizer(session, shard)
             ):
                 session_writes.append(self._write_session(session, verdicts[session.uid], desired))
-        await asyncio.gather(*session_writes)
 
         used = Counter(s.namespace for s in sessions if running.get(s.uid))
         quota_writes = [
             self._write_quota(q, honoured[ns], used[ns], now) for ns, qs in quotas_by_ns.items() for q in qs
         ]
-        await asyncio.gather(*quota_writes)
+        # Independent writes: tenant workloads, session and quota statuses share the write budget.
+        await asyncio.gather(*tenant_writes, *session_writes, *quota_writes)
         log.debug(
             "pass %d: %d sessions, %d session writes, %d tenants",
             self.passes,
