@@ -154,9 +154,16 @@ def test_tenant_quota_refuses_only_that_tenants_sessions(
 
         import urllib.request
 
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert f'waso_admission_refusals_total{{reason="QuotaExceeded",tenant="{small}"}} 1.0' in metrics
-        assert f'waso_sessions{{phase="Waiting",tenant="{small}"}} 1.0' in metrics
+        expected = [
+            f'waso_admission_refusals_total{{reason="QuotaExceeded",tenant="{small}"}} 1.0',
+            f'waso_sessions{{phase="Waiting",tenant="{small}"}} 1.0',
+        ]
+
+        def scraped() -> str | None:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return text if all(line in text for line in expected) else None
+
+        wait_for(scraped, timeout=30, what=f"metrics {expected}")
 
         # Raising the quota admits the waiting session.
         client.CustomObjectsApi(api).patch_namespaced_custom_object(

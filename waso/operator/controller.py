@@ -168,6 +168,8 @@ class Controller:
         quota_writes = [
             self._write_quota(q, honoured[ns], used[ns], now) for ns, qs in quotas_by_ns.items() for q in qs
         ]
+        metrics.publish_sessions(tally)  # what this pass decided, published before it is written
+        metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
         # Independent writes: tenant workloads, session and quota statuses share the write budget.
         await asyncio.gather(*tenant_writes, *session_writes, *quota_writes)
         log.debug(
@@ -177,8 +179,6 @@ class Controller:
             len(session_writes),
             len(tenant_writes),
         )
-        metrics.publish_sessions(tally)
-        metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
 
     def _quota_spec(self, quota: QuotaFacts | None) -> Any:
         return quota.spec if quota is not None else self.config.default_quota
