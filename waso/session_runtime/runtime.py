@@ -87,9 +87,9 @@ class Runtime:
         self.leases = LeaseKeeper(kube, self.namespace, config.identity, config.lease_seconds, self.clock)
         self.reporter = StatusReporter(kube, self.namespace)
         self.sessions: dict[str, SessionSupervisor] = {}
-        self.objects: dict[str, WhatsAppSession] = {}
         self.erasing: set[str] = set()
-        self.quota = config.default_quota
+        self.tenant_quota: TenantQuotaSpec = config.default_quota
+        """The namespace's TenantQuota in force (the oldest), else the operator's default."""
         self.synced = asyncio.Event()
         self.heartbeat_ok = False
         self.stopping = threading.Event()
@@ -119,13 +119,11 @@ class Runtime:
     def _on_session(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         if kind == "DELETED":
-            self.objects.pop(name, None)
             supervisor = self.sessions.pop(name, None)
             if supervisor is not None:
                 self._tasks.append(asyncio.create_task(self._retire(name, supervisor)))
             return
         session = WhatsAppSession.model_validate(obj)
-        self.objects[name] = session
         supervisor = self.sessions.get(name)
         if supervisor is None:
             identity = SessionIdentity(
@@ -224,7 +222,7 @@ class Runtime:
                     ),
                 )
                 honoured = honoured_quota([quota_facts(item) for item in listing["items"]])
-                self.quota = honoured.spec if honoured is not None else self.config.default_quota
+                self.tenant_quota = honoured.spec if honoured is not None else self.config.default_quota
             except ApiException as error:
                 log.warning("TenantQuota not readable: %s %s", error.status, error.reason)
             await asyncio.sleep(self.config.quota_refresh_seconds)
@@ -240,10 +238,6 @@ class Runtime:
             await asyncio.sleep(self.config.heartbeat_seconds)
 
     # -- lifecycle --------------------------------------------------------------------------
-
-    @property
-    def tenant_quota(self) -> TenantQuotaSpec:
-        return self.quota
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession()

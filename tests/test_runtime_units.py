@@ -1,0 +1,101 @@
+"""Pure parts of the runtime: lease rules, rate-limit bucket, back-off; placement invariants. No cluster."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.test_decisions import facts
+from waso.operator.placement import assign_shards, replicas_needed
+from waso.session_runtime.leases import LeaseAction, LeaseView, lease_action, still_held
+from waso.session_runtime.ratelimit import MemoryRateLimiter, take
+from waso.session_runtime.supervisor import Backoff
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def test_lease_rules() -> None:
+    mine = LeaseView("pod-0/a", T0, 15)
+    theirs = LeaseView("pod-0/b", T0, 15)
+    assert lease_action(None, "pod-0/a", T0) == LeaseAction.CREATE
+    assert lease_action(mine, "pod-0/a", T0 + timedelta(seconds=5)) == LeaseAction.RENEW
+    assert lease_action(theirs, "pod-0/a", T0 + timedelta(seconds=14)) == LeaseAction.WAIT
+    assert lease_action(theirs, "pod-0/a", T0 + timedelta(seconds=15)) == LeaseAction.TAKE
+    assert lease_action(LeaseView(None, None, 15), "pod-0/a", T0) == LeaseAction.TAKE  # released
+
+
+def test_a_holder_lets_go_before_a_challenger_may_take_over() -> None:
+    for duration in (3, 15, 60):
+        last = T0
+        give_up = next(
+            s for s in range(duration * 10) if not still_held(last, duration, T0 + timedelta(seconds=s / 10))
+        )
+        takeover = duration * 10  # a challenger's first chance, in tenths of a second
+        assert give_up < takeover
+        assert still_held(last, duration, T0 + timedelta(seconds=duration / 3))  # survives one missed renewal
+
+
+def test_token_bucket_allows_a_minute_at_once_then_the_steady_rate() -> None:
+    clock = {"now": 0.0}
+    limiter = MemoryRateLimiter(clock=lambda: clock["now"])
+
+    async def burst(n: int) -> list[bool]:
+        return [(await limiter.acquire("acme", 60)).allowed for _ in range(n)]
+
+    import asyncio
+
+    assert asyncio.run(burst(61)) == [True] * 60 + [False]
+    refused = asyncio.run(limiter.acquire("acme", 60))
+    assert 0.9 < refused.retry_after <= 1.0  # one token per second at 60/min
+    clock["now"] = 1.0
+    assert asyncio.run(limiter.acquire("acme", 60)).allowed
+    assert asyncio.run(limiter.acquire("globex", 60)).allowed  # buckets are per tenant
+
+
+@given(st.lists(st.floats(min_value=0, max_value=30), min_size=1, max_size=200), st.integers(1, 600))
+def test_a_bucket_never_grants_more_than_its_capacity_plus_refill(gaps: list[float], per_minute: int) -> None:
+    bucket, now, granted = None, 0.0, 0
+    for gap in gaps:
+        now += gap
+        bucket, decision = take(bucket, per_minute, now)
+        granted += decision.allowed
+    assert granted <= per_minute + now * per_minute / 60 + 1e-6
+
+
+def test_backoff_grows_with_jitter_to_a_cap_and_resets() -> None:
+    backoff = Backoff(base=1, cap=60, rng=random.Random(7))
+    delays = [backoff.next() for _ in range(10)]
+    for attempt, delay in enumerate(delays):
+        ceiling = min(60, 2**attempt)
+        assert ceiling / 2 <= delay <= ceiling
+    backoff.reset()
+    assert backoff.next() <= 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.one_of(st.none(), st.integers(0, 4))), max_size=40),
+    st.integers(1, 6),
+)
+def test_placement_keeps_shards_and_fills_new_sessions_within_room(
+    rows: list[tuple[bool, int | None]], per_pod: int
+) -> None:
+    sessions = [facts(f"s{i}", age=i, shard=held) for i, (_, held) in enumerate(rows)]
+    running = {f"s{i}": run for i, (run, _) in enumerate(rows)}
+    shards = assign_shards(sessions, running, per_pod)
+    for session in sessions:
+        if session.shard is not None:
+            assert shards[session.uid] == session.shard  # never moves
+        elif not running[session.uid]:
+            assert session.uid not in shards  # parked without a shard gets none
+    load = Counter(shards.values())
+    newcomers = [s for s in sessions if s.shard is None and s.uid in shards]
+    for session in newcomers:  # a new assignment never overfills a shard
+        held_there = sum(1 for s in sessions if s.shard == shards[session.uid])
+        assert load[shards[session.uid]] <= max(per_pod, held_there)
+    needed = replicas_needed(shards, running)
+    assert all(shards[uid] < needed for uid, run in running.items() if run and uid in shards)
