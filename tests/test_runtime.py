@@ -386,3 +386,19 @@ def test_deleting_a_session_unlinks_its_device_and_erases_its_credentials(world:
     assert world.stats()["accounts"][PHONE]["devices"] == []  # no longer in the phone's Linked devices
     assert world.stats()["counters"]["unlinked"] == 1
     assert not store.exists()
+
+
+def test_the_pod_wide_qr_stream_cap_applies_across_sessions(world: World) -> None:
+    create_quota(world.api, world.namespace, maxPairingStreams=5, maxSessions=5)
+    runtime = world.runtime(WASO_MAX_QR_STREAMS="1")
+    world.session("s1", PHONE)
+    world.session("s2", "+4915112345602")
+    world.wait_state("AwaitingPairing", "s1")
+    world.wait_state("AwaitingPairing", "s2")
+    time.sleep(2)  # the TenantQuota (5 streams) has been read
+    first = SseStream(runtime.port, "/v1/sessions/s1/qr")
+    assert first.status == 200
+    refused = http_json("GET", f"{runtime.url}/v1/sessions/s2/qr")
+    assert refused.status == 429
+    assert "this pod already serves 1 QR streams" in refused.body["error"]
+    first.close()
