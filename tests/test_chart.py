@@ -116,9 +116,9 @@ def test_operator_works_with_exactly_the_charts_permissions(
     config.write_text(core.read_namespaced_config_map("waso-operator", system).data["config.yaml"])
     log = tmp_path / "operator.log"
     env = {"KUBECONFIG": str(kubeconfig), "WASO_CONFIG": str(config), "WASO_METRICS_PORT": "0"}
+    tenant = tenants.namespace("acme")
     operator = _spawn(["operator", "-n", tenants.pattern], env, log)
     try:
-        tenant = tenants.namespace("acme")
         create_session(control_plane.api, tenant, "s1", "+4915112345699")
         obj = wait_admission(control_plane.api, tenant, "s1", expected=True, reason="Admitted")
         assert obj["metadata"]["labels"]["waso.dev/shard"] == "0"

@@ -49,8 +49,8 @@ def test_ten_tenants_are_admitted_and_placed_in_their_own_pods(
     control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
 ) -> None:
     api = control_plane.api
+    names = [tenants.namespace(f"t{i}") for i in range(10)]
     with run_operator(tenants) as runner:
-        names = [tenants.namespace(f"t{i}") for i in range(10)]
         create_many(api, [(ns, f"s{j}", phone(i * 10 + j)) for i, ns in enumerate(names) for j in range(2)])
         for ns in names:
             for j in range(2):
@@ -84,8 +84,8 @@ def test_global_cap_refuses_the_36th_and_admits_it_when_a_slot_frees(
     operator_env.setenv("WASO_DEFAULT_QUOTA__MAX_SESSIONS", "100")
     operator_env.setenv("WASO_DEFAULT_QUOTA__SESSIONS_PER_POD", "10")
     api = control_plane.api
+    namespaces = [tenants.namespace(f"t{i}") for i in range(5)]
     with run_operator(tenants) as runner:
-        namespaces = [tenants.namespace(f"t{i}") for i in range(5)]
         create_many(api, [(namespaces[i % 5], f"s{i}", phone(i)) for i in range(35)])
         first = {
             f"s{i}": wait_admission(api, namespaces[i % 5], f"s{i}", expected=True, reason="Admitted")

@@ -36,6 +36,7 @@ def operator(
     monkeypatch.setenv("WASO_METRICS_PORT", "0")
     monkeypatch.setenv("WASO_TRANSPORT", "simulator")
     monkeypatch.setenv("WASO_SIMULATOR_URL", simulator.url)
+    tenants.namespace("acme")  # before the operator starts: see the note in tests/operator_support.py
     with KopfRunner(
         ["run", "--standalone", "-m", "waso.operator.handlers", "-n", tenants.pattern], timeout=60
     ) as runner:
@@ -402,3 +403,21 @@ def test_the_pod_wide_qr_stream_cap_applies_across_sessions(world: World) -> Non
     assert refused.status == 429
     assert "this pod already serves 1 QR streams" in refused.body["error"]
     first.close()
+
+
+def test_inbound_messages_mark_activity_coarsely(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    world.pair_by_qr(runtime)
+    assert "lastActivityAt" not in world.wait_state("Connected")
+    delivered = http_json(
+        "POST", f"{world.simulator.url}/v1/phones/{PHONE}/inbound", {"from": "+15550001", "text": "hi"}
+    )
+    assert delivered.body == {"delivered": 1}
+    first = wait_for(lambda: world.runtime_status().get("lastActivityAt"), timeout=30, what="lastActivityAt")
+    writes = _metric(runtime, "waso_runtime_status_writes_total")
+    http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/inbound", {"from": "+15550001", "text": "again"})
+    time.sleep(2)
+    assert world.runtime_status()["lastActivityAt"] == first  # within 60 s: no new write
+    assert _metric(runtime, "waso_runtime_status_writes_total") == writes
