@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 
 from waso.api.base import API_VERSION, format_timestamp
 from waso.api.conditions import ConditionType, Reason, find_condition
+from waso.api.quota import TenantQuotaSpec
 from waso.api.session import CLEANUP_FINALIZER
 from waso.kube import KubeClient
 from waso.operator import metrics
@@ -180,7 +181,7 @@ class Controller:
             len(tenant_writes),
         )
 
-    def _quota_spec(self, quota: QuotaFacts | None) -> Any:
+    def _quota_spec(self, quota: QuotaFacts | None) -> TenantQuotaSpec:
         return quota.spec if quota is not None else self.config.default_quota
 
     def _effective(self, facts: SessionFacts) -> SessionFacts:
