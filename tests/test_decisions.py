@@ -267,7 +267,9 @@ def test_runtime_reads_the_operators_default_quota_from_its_environment(monkeypa
 
 def test_runtime_role_is_namespaced_and_cannot_change_specs() -> None:
     kinds = [o["kind"] for o in tenant_objects("acme", TenantQuotaSpec(), OperatorConfig(), 1)]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Service", "PodDisruptionBudget", "StatefulSet"]
+    assert kinds == [
+        "ServiceAccount", "Role", "RoleBinding", "Service", "NetworkPolicy", "PodDisruptionBudget", "StatefulSet"
+    ]  # fmt: skip
     session_rules = [r for r in RUNTIME_RULES if "whatsappsessions" in r["resources"]]
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in session_rules)
 
@@ -318,3 +320,18 @@ def test_the_credentials_finalizer_is_released_only_when_nothing_is_left_or_time
     assert released is not None
     assert not released.warning
     assert release_finalizer(facts("s", shard=0), T0, timeout) is None  # not being deleted
+
+
+def test_runtime_api_is_reachable_only_from_the_tenant_and_labelled_namespaces() -> None:
+    from waso.operator.resources import network_policy
+
+    policy = network_policy("acme")
+    assert policy["spec"]["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "waso-sessions", "app.kubernetes.io/instance": "waso-sessions"}
+    }
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {}},
+        {"namespaceSelector": {"matchLabels": {"waso.dev/runtime-access": "true"}}},
+    ]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]

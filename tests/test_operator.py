@@ -71,6 +71,8 @@ def test_ten_tenants_are_admitted_and_placed_in_their_own_pods(
             # The runtime learns its tenant from its own pod's namespace: it cannot serve another tenant.
             assert env["WASO_NAMESPACE"].value_from.field_ref.field_path == "metadata.namespace"
             assert sts.spec.template.spec.service_account_name == "waso-runtime"
+            policy = client.NetworkingV1Api(api).read_namespaced_network_policy("waso-sessions", ns)
+            assert policy.spec.policy_types == ["Ingress"]
             pods = wait_for(lambda ns=ns: core.list_namespaced_pod(ns).items, timeout=30, what=f"pods in {ns}")  # type: ignore[misc]
             assert [p.metadata.name for p in pods] == ["waso-sessions-0"]  # PodSecurity restricted admitted it
             assert {s["metadata"]["namespace"] for s in list_sessions(api, ns)} == {ns}

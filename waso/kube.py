@@ -24,6 +24,7 @@ _PLURALS = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "NetworkPolicy": "networkpolicies",
     "StatefulSet": "statefulsets",
     "Lease": "leases",
     "Event": "events",

@@ -137,6 +137,32 @@ def disruption_budget(namespace: str) -> dict[str, Any]:
     }
 
 
+ACCESS_LABEL = "waso.dev/runtime-access"
+
+
+def network_policy(namespace: str) -> dict[str, Any]:
+    """The runtime's HTTP API (QR codes, pairing codes, sending) is reachable only from the tenant's own
+    namespace and from namespaces labelled waso.dev/runtime-access=true (a gateway, monitoring)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(NAME, namespace),
+        "spec": {
+            "podSelector": {"matchLabels": dict(SELECTOR)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {"podSelector": {}},
+                        {"namespaceSelector": {"matchLabels": {ACCESS_LABEL: "true"}}},
+                    ],
+                    "ports": [{"protocol": "TCP", "port": RUNTIME_PORT}],
+                }
+            ],
+        },
+    }
+
+
 def service_account(namespace: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(RUNTIME_ACCOUNT, namespace)}
 
@@ -181,6 +207,7 @@ def tenant_objects(
         runtime_role(namespace),
         runtime_role_binding(namespace),
         headless_service(namespace),
+        network_policy(namespace),
         disruption_budget(namespace),
         statefulset(namespace, quota, config, replicas),
     ]
