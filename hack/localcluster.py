@@ -404,6 +404,40 @@ def _processes_using(directory: Path) -> Iterator[int]:
                 yield int(entry.name)
 
 
+CONTEXT = "waso-local"
+
+
+def _user_kubeconfig() -> Path:
+    return Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or Path.home() / ".kube" / "config")
+
+
+def _kubectl_config(*args: str) -> None:
+    subprocess.run([str(binary("kubectl")), "config", f"--kubeconfig={_user_kubeconfig()}", *args],
+                   check=False, capture_output=True)  # fmt: skip
+
+
+def register_context(cluster: LocalCluster, server: str) -> None:
+    """Add the cluster as context waso-local of the user's kubeconfig and make it current, as kind does."""
+    _user_kubeconfig().parent.mkdir(parents=True, exist_ok=True)
+    pki = cluster.pki
+    _kubectl_config("set-cluster", CONTEXT, f"--server={server}", f"--certificate-authority={pki / 'ca.crt'}")
+    _kubectl_config("set-credentials", CONTEXT, f"--client-certificate={pki / 'admin.crt'}",
+                    f"--client-key={pki / 'admin.key'}")  # fmt: skip
+    _kubectl_config("set-context", CONTEXT, f"--cluster={CONTEXT}", f"--user={CONTEXT}")
+    _kubectl_config("use-context", CONTEXT)
+
+
+def unregister_context() -> None:
+    if not os.access(BIN / "kubectl", os.X_OK):
+        return
+    current = subprocess.run([str(BIN / "kubectl"), "config", f"--kubeconfig={_user_kubeconfig()}", "current-context"],
+                             capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    if current == CONTEXT:
+        _kubectl_config("unset", "current-context")
+    for args in (("delete-context", CONTEXT), ("delete-cluster", CONTEXT), ("delete-user", CONTEXT)):
+        _kubectl_config(*args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("up", "down", "env"))
@@ -413,9 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             state = cluster.start(tied=False)
-            print(f"control plane ready at {state.server}\nexport KUBECONFIG={state.kubeconfig}")
+            register_context(cluster, state.server)
+            print(f"control plane ready at {state.server}; kubectl context {CONTEXT} in {_user_kubeconfig()}")
+            print(f"or: export KUBECONFIG={state.kubeconfig}")
         elif args.command == "down":
             cluster.stop()
+            unregister_context()
             print("control plane stopped")
         else:
             print(f"export KUBECONFIG={cluster.kubeconfig}")
