@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from kopf.testing import KopfRunner
@@ -209,6 +214,22 @@ def test_suspend_frees_the_slot_and_a_second_quota_is_a_conflict(
         )
         assert (second["status"], second["reason"]) == ("True", "OlderQuotaExists")
 
+        report = _waso_status(control_plane, ns)
+        (tenant,) = report["tenants"]
+        assert tenant["quota"]["name"] == "default"
+        assert tenant["quota"]["ignored"] == ["second"]
+        rows = {row["name"]: row for row in tenant["sessions"]}
+        assert rows["a"]["phase"] == "Starting"
+        assert rows["b"]["phase"] == "Waiting"
+        assert any("QuotaExceeded" in problem for problem in rows["b"]["problems"])
+        text = subprocess.run(
+            [sys.executable, "-m", "waso.cli.main", "status", "-n", ns], capture_output=True, text=True, check=True,
+            env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+        ).stdout  # fmt: skip
+        assert f"Tenant {ns}: " in text
+        assert "ignored TenantQuotas: second" in text
+        assert "b: Reconciling: QuotaExceeded" in text
+
         client.CustomObjectsApi(api).patch_namespaced_custom_object(
             GROUP, VERSION, ns, PLURAL, "a", {"spec": {"suspend": True}}
         )
@@ -218,6 +239,14 @@ def test_suspend_frees_the_slot_and_a_second_quota_is_a_conflict(
         assert condition(suspended, "Ready")["status"] == "True"
         wait_admission(api, ns, "b", expected=True, reason="Admitted")
     assert runner.exit_code == 0, runner.output
+
+
+def _waso_status(control_plane: ControlPlane, namespace: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "waso.cli.main", "status", "-n", namespace, "-o", "json"],
+        capture_output=True, text=True, check=True, env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+    )  # fmt: skip
+    return cast(dict[str, Any], json.loads(result.stdout))
 
 
 def test_runtime_service_account_is_confined_to_its_namespace(

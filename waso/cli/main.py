@@ -62,6 +62,12 @@ def _simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from waso.cli.status import main
+
+    return main(args.namespace, args.session, args.output)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -96,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument("--first-device", type=int, default=1, help="first device number of each account")
     simulator.add_argument("-v", "--verbose", action="store_true")
     simulator.set_defaults(handler=_simulator)
+
+    status = commands.add_parser("status", help="report tenants and sessions (kubeconfig: KUBECONFIG)")
+    status.add_argument("session", nargs="?", help="only this session")
+    status.add_argument("-n", "--namespace", help="only this tenant; default: all")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.set_defaults(handler=_status)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""`waso status`: one tenant (or all) as a report, or as JSON with `-o json`.
+
+Everything is gathered into one plain structure first, so the JSON output is exactly
+what the text report prints: per tenant the quota in force and usage, every session
+with its phase, readiness, shard, device and endpoint, and the problems last.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any, cast
+
+from kubernetes import client
+
+from waso.api.base import GROUP, VERSION
+from waso.api.conditions import find_condition
+from waso.api.quota import TenantQuota
+from waso.api.session import WhatsAppSession
+from waso.kube import load_api_client
+from waso.operator.world import honoured_quota, quota_facts
+
+
+def gather(api: client.ApiClient, namespace: str | None, name: str | None) -> dict[str, Any]:
+    custom = client.CustomObjectsApi(api)
+
+    def listing(plural: str) -> list[dict[str, Any]]:
+        if namespace:
+            found = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        else:
+            found = custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        return cast(list[dict[str, Any]], cast(dict[str, Any], found)["items"])
+
+    sessions = [WhatsAppSession.model_validate(o) for o in listing(WhatsAppSession.PLURAL)]
+    quotas = [TenantQuota.model_validate(o) for o in listing(TenantQuota.PLURAL)]
+    if name:
+        sessions = [s for s in sessions if s.metadata.name == name]
+    tenants = sorted({s.metadata.namespace or "" for s in sessions} | {q.metadata.namespace or "" for q in quotas})
+    return {"tenants": [_tenant(ns, sessions, quotas) for ns in tenants]}
+
+
+def _tenant(namespace: str, sessions: Iterable[WhatsAppSession], quotas: Iterable[TenantQuota]) -> dict[str, Any]:
+    own = [q for q in quotas if q.metadata.namespace == namespace]
+    honoured = honoured_quota([quota_facts(q.to_wire()) for q in own])
+    in_force = next((q for q in own if honoured is not None and q.metadata.uid == honoured.uid), None)
+    quota: dict[str, Any] | None = None
+    if in_force is not None:
+        status = in_force.status
+        quota = {
+            "name": in_force.metadata.name,
+            "maxSessions": in_force.spec.max_sessions,
+            "messagesPerMinute": in_force.spec.messages_per_minute,
+            "usedSessions": status.used.sessions if status and status.used else None,
+            "ignored": [q.metadata.name for q in own if q is not in_force],
+        }
+    rows = [_session(s) for s in sorted(sessions, key=lambda s: s.metadata.name) if s.metadata.namespace == namespace]
+    return {"namespace": namespace, "quota": quota, "sessions": rows}
+
+
+def _session(session: WhatsAppSession) -> dict[str, Any]:
+    status = session.status
+    conditions = status.conditions if status else ()
+    ready = find_condition(conditions, "Ready")
+    runtime = status.runtime if status else None
+    problems = [
+        f"{c.type}: {c.reason}: {c.message}"
+        for c in conditions
+        if (c.type in ("Stalled", "Reconciling") and c.status == "True")
+        or (c.type == "DeviceHealthy" and c.status == "False")
+    ]
+    if runtime is not None and runtime.last_error:
+        problems.append(f"last error: {runtime.last_error}")
+    return {
+        "name": session.metadata.name,
+        "phone": session.spec.phone_number,
+        "phase": status.phase.value if status and status.phase else None,
+        "ready": ready.status if ready else "Unknown",
+        "shard": status.shard if status else None,
+        "device": runtime.device_id if runtime else None,
+        "state": runtime.state.value if runtime and runtime.state else None,
+        "endpoint": status.endpoint if status else None,
+        "problems": problems,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for tenant in report["tenants"]:
+        quota = tenant["quota"]
+        if quota is None:
+            summary = "no TenantQuota: operator defaults apply"
+        else:
+            used = quota["usedSessions"] if quota["usedSessions"] is not None else "?"
+            summary = f"{used}/{quota['maxSessions']} sessions, {quota['messagesPerMinute']} messages/min"
+            if quota["ignored"]:
+                summary += f" (ignored TenantQuotas: {', '.join(quota['ignored'])})"
+        lines += [f"Tenant {tenant['namespace']}: {summary}", ""]
+        header = ("NAME", "PHONE", "PHASE", "READY", "SHARD", "DEVICE", "STATE")
+        rows = [header] + [
+            tuple(
+                "" if s[k] is None else str(s[k])
+                for k in ("name", "phone", "phase", "ready", "shard", "device", "state")
+            )
+            for s in tenant["sessions"]
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines += ["  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+        problems = [(s["name"], p) for s in tenant["sessions"] for p in s["problems"]]
+        if problems:
+            lines += ["", "  Problems:"] + [f"    {name}: {problem}" for name, problem in problems]
+        lines.append("")
+    return "\n".join(lines) if lines else "no WhatsAppSessions or TenantQuotas found\n"
+
+
+def main(namespace: str | None, name: str | None, output: str) -> int:
+    api = load_api_client()
+    try:
+        report = gather(api, namespace, name)
+    except client.exceptions.ApiException as error:
+        print(f"waso status: {error.status} {error.reason}", file=sys.stderr)
+        return 1
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+    print(json.dumps(report, indent=2) if output == "json" else render(report))
+    return 0
