@@ -102,7 +102,7 @@ class Process:
             self.proc.wait(timeout=30)
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn_waso(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "waso.cli.main", *args],
@@ -127,7 +127,7 @@ def _ready(process: Process, path: str) -> bool:
 def simulator_process(log_dir: Path, *args: str) -> Iterator[Process]:
     port = free_port()
     log = log_dir / f"simulator-{port}.log"
-    process = Process(_spawn(["simulator", "--port", str(port), *args], {}, log), port, log)
+    process = Process(spawn_waso(["simulator", "--port", str(port), *args], {}, log), port, log)
     try:
         wait_for(lambda: _ready(process, "/healthz"), timeout=30, what="the simulator")
         yield process
@@ -155,6 +155,6 @@ def start_runtime(
         "WASO_QUOTA_REFRESH_SECONDS": "1",
         **env,
     }
-    process = Process(_spawn(["runtime"], variables, log), port, log)
+    process = Process(spawn_waso(["runtime"], variables, log), port, log)
     wait_for(lambda: _ready(process, "/readyz"), timeout=60, what=f"runtime {namespace}/{shard} to be ready")
     return process

@@ -17,7 +17,7 @@ from kubernetes import client
 
 from tests.conftest import ControlPlane
 from tests.operator_support import Tenants, create_session, wait_admission
-from tests.runtime_support import _spawn
+from tests.runtime_support import spawn_waso
 from tests.support import BIN, kubectl, wait_for
 from waso.operator.config import load_config
 
@@ -117,7 +117,7 @@ def test_operator_works_with_exactly_the_charts_permissions(
     log = tmp_path / "operator.log"
     env = {"KUBECONFIG": str(kubeconfig), "WASO_CONFIG": str(config), "WASO_METRICS_PORT": "0"}
     tenant = tenants.namespace("acme")
-    operator = _spawn(["operator", "-n", tenants.pattern], env, log)
+    operator = spawn_waso(["operator", "-n", tenants.pattern], env, log)
     try:
         create_session(control_plane.api, tenant, "s1", "+4915112345699")
         obj = wait_admission(control_plane.api, tenant, "s1", expected=True, reason="Admitted")
