@@ -7,7 +7,10 @@ RBAC with signed ServiceAccount tokens, and Redis.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, cast
@@ -250,3 +253,47 @@ def test_redis_answers(redis_server: RedisServer) -> None:
         assert connection.incr("waso:smoke") == 2
     finally:
         connection.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_crashed_caller_leaves_no_control_plane_behind(tmp_path: Path) -> None:
+    script = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from localcluster import LocalCluster\n"
+        f"state = LocalCluster(Path({str(tmp_path / 'tied')!r})).start(tied=True)\n"
+        "print(json.dumps(state.pids), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(BIN.parent / "hack")})  # fmt: skip
+    assert caller.stdout is not None
+    pids = json.loads(caller.stdout.readline())
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"}
+    assert all(_alive(pid) for pid in pids.values())
+    caller.kill()  # a crash: no cleanup code runs in the caller
+    caller.wait()
+    wait_for(lambda: not any(_alive(pid) for pid in pids.values()), timeout=15, what="the control plane to die")
+
+
+def test_up_then_down_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import localcluster
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "user-kubeconfig"))
+    directory = tmp_path / "detached"
+    assert localcluster.main(["up", "--dir", str(directory)]) == 0
+    pids = json.loads((directory / "state.json").read_text())["pids"]
+    assert all(_alive(pid) for pid in pids.values())
+    current = kubectl(tmp_path / "user-kubeconfig", "config", "current-context").stdout.strip()
+    assert current == "waso-local"
+    assert localcluster.main(["down", "--dir", str(directory)]) == 0
+    assert not any(_alive(pid) for pid in pids.values())
+    assert not (directory / "etcd").exists()
