@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from waso.session_runtime.neonize_transport import NeonizeTransport
-from waso.session_runtime.supervisor import SessionSpec, SessionSupervisor
+from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import SessionIdentity
 
 
@@ -46,7 +46,6 @@ async def main(data: Path, seconds: float) -> dict[str, Any]:
         identity = SessionIdentity("acme", name, phone, "waso", data / "sessions" / name)
         supervisor = SessionSupervisor(
             identity,
-            SessionSpec(phone, "QR", None),
             transport,
             AlwaysHeld(),
             record,

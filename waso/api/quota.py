@@ -7,7 +7,7 @@ which is ``TenantQuotaSpec()`` unless the operator configuration overrides it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -108,7 +108,3 @@ class TenantQuota(ApiModel):
     metadata: ObjectMeta
     spec: TenantQuotaSpec = TenantQuotaSpec()
     status: TenantQuotaStatus | None = None
-
-    @classmethod
-    def from_wire(cls, obj: dict[str, Any]) -> TenantQuota:
-        return cls.model_validate(obj)

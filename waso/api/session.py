@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -165,7 +165,3 @@ class WhatsAppSession(ApiModel):
     metadata: ObjectMeta
     spec: WhatsAppSessionSpec
     status: WhatsAppSessionStatus | None = None
-
-    @classmethod
-    def from_wire(cls, obj: dict[str, Any]) -> WhatsAppSession:
-        return cls.model_validate(obj)

@@ -24,6 +24,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from waso.api.base import API_VERSION, GROUP, VERSION
+from waso.api.conditions import ConditionType, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
 from waso.api.session import CLEANUP_FINALIZER, RuntimeState, WhatsAppSession
 from waso.kube import KubeClient, load_api_client
@@ -32,7 +33,7 @@ from waso.session_runtime import metrics
 from waso.session_runtime.config import RuntimeConfig
 from waso.session_runtime.lease_keeper import LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
-from waso.session_runtime.supervisor import SessionSpec, SessionSupervisor
+from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import SessionIdentity, Transport, TransportError
 
 MANAGER = "waso-runtime"
@@ -40,8 +41,7 @@ log = logging.getLogger("waso.runtime")
 
 
 def wants_running(session: WhatsAppSession) -> bool:
-    status = session.status
-    admitted = status is not None and any(c.type == "Admitted" and c.status == "True" for c in status.conditions)
+    admitted = session.status is not None and is_true(session.status.conditions, ConditionType.ADMITTED)
     return admitted and not session.spec.suspend and session.metadata.deletion_timestamp is None
 
 
@@ -133,8 +133,7 @@ class Runtime:
                 device_name=session.spec.device_name or self.config.device_name,
                 store_dir=self.config.data_dir / "sessions" / name,
             )
-            spec = SessionSpec(session.spec.phone_number, session.spec.pairing.method.value, session.spec.device_name)
-            supervisor = SessionSupervisor(identity, spec, self.make_transport, self.leases, self.reporter, self.clock)
+            supervisor = SessionSupervisor(identity, self.make_transport, self.leases, self.reporter, self.clock)
             self.sessions[name] = supervisor
             supervisor.start()
         supervisor.want(wants_running(session))

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -38,13 +37,6 @@ from waso.session_runtime.transport import (
 
 log = logging.getLogger("waso.runtime")
 ACTIVITY_GRANULARITY = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class SessionSpec:
-    phone_number: str
-    pairing_method: str
-    device_name: str | None
 
 
 class Backoff:
@@ -82,7 +74,6 @@ class SessionSupervisor:
     def __init__(
         self,
         identity: SessionIdentity,
-        spec: SessionSpec,
         transport_factory: Callable[[SessionIdentity], Transport],
         leases: Leases,
         report: Reporter,
@@ -90,7 +81,6 @@ class SessionSupervisor:
         backoff: Backoff | None = None,
     ) -> None:
         self.identity = identity
-        self.spec = spec
         self.transport_factory = transport_factory
         self.leases = leases
         self.report_to = report
