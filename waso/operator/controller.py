@@ -137,7 +137,7 @@ class Controller:
             tenant_shards = assign_shards(by_tenant.get(namespace, []), running, spec.sessions_per_pod)
             shards.update(tenant_shards)
             replicas = replicas_needed(tenant_shards, running)
-            tenant_writes.append(self._ensure_tenant(namespace, replicas, has_sessions=namespace in namespaces))
+            tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions=namespace in namespaces))
 
         session_writes = []
         tally: Counter[tuple[str, str]] = Counter()
@@ -213,11 +213,7 @@ class Controller:
     # -- writes -----------------------------------------------------------------------------
 
     async def _write_session(self, session: SessionFacts, verdict: Verdict, desired: OperatorStatus) -> None:
-        ref = {
-            "apiVersion": API_VERSION,
-            "kind": "WhatsAppSession",
-            "metadata": {"namespace": session.namespace, "name": session.name},
-        }
+        ref = _reference("WhatsAppSession", session.namespace, session.name)
         async with self._writes:
             try:
                 if (
@@ -241,11 +237,7 @@ class Controller:
 
     async def _release(self, session: SessionFacts, release: Release) -> None:
         """Let a deleted session go: drop the credentials finalizer this operator applied."""
-        ref = {
-            "apiVersion": API_VERSION,
-            "kind": "WhatsAppSession",
-            "metadata": {"namespace": session.namespace, "name": session.name},
-        }
+        ref = _reference("WhatsAppSession", session.namespace, session.name)
         async with self._writes:
             try:
                 await self.kube.apply(_ownership(ref, session.shard, finalizer=False), MANAGER)
@@ -311,11 +303,7 @@ class Controller:
             current = observed_quota_status(quota)
         if _same_status(desired, current):
             return
-        ref = {
-            "apiVersion": API_VERSION,
-            "kind": "TenantQuota",
-            "metadata": {"namespace": quota.namespace, "name": quota.name},
-        }
+        ref = _reference("TenantQuota", quota.namespace, quota.name)
         async with self._writes:
             try:
                 result = await self.kube.merge_patch(ref, {"status": desired}, MANAGER, "status")
@@ -327,10 +315,9 @@ class Controller:
         metrics.STATUS_WRITES.labels("TenantQuota").inc()
         self.quota_ledger[quota.uid] = (desired, int(result["metadata"]["resourceVersion"]))
 
-    async def _ensure_tenant(self, namespace: str, replicas: int, has_sessions: bool) -> None:
+    async def _ensure_tenant(self, namespace: str, quota: TenantQuotaSpec, replicas: int, has_sessions: bool) -> None:
         """Apply the tenant's workload objects when they differ from what this process last applied."""
-        quotas = list(self.quotas.get(namespace, []))
-        objects = tenant_objects(namespace, self._quota_spec(honoured_quota(quotas)), self.config, replicas)
+        objects = tenant_objects(namespace, quota, self.config, replicas)
         fingerprint = json.dumps(objects, sort_keys=True)
         if self.applied_tenants.get(namespace) == fingerprint:
             return
@@ -347,6 +334,11 @@ class Controller:
                 return
         self.applied_tenants[namespace] = fingerprint
         log.info("tenant %s: %d session pod(s)", namespace, replicas)
+
+
+def _reference(kind: str, namespace: str, name: str) -> dict[str, Any]:
+    """The minimal object that names a waso resource for a patch or an apply."""
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"namespace": namespace, "name": name}}
 
 
 def _ownership(ref: dict[str, Any], shard: int | None, *, finalizer: bool) -> dict[str, Any]:
