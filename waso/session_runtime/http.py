@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from waso.api.session import E164_PATTERN, RuntimeState
 from waso.session_runtime import metrics
 from waso.session_runtime.ratelimit import RateLimiterUnavailable
+from waso.session_runtime.supervisor import qr_payload
 from waso.session_runtime.transport import TransportError
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ async def qr_stream(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         await response.write(_sse("status", {"state": supervisor.state.value}))
         if supervisor.qr is not None:
-            await response.write(_sse("qr", {"code": supervisor.qr.code, "expiresAt": _iso(supervisor)}))
+            await response.write(_sse("qr", qr_payload(supervisor.qr)))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + runtime.config.qr_stream_timeout
         while True:
@@ -136,13 +137,6 @@ async def qr_stream(request: web.Request) -> web.StreamResponse:
         streams["tenant"] -= 1
         metrics.QR_STREAMS.dec()
     return response
-
-
-def _iso(supervisor: SessionSupervisor) -> str:
-    from waso.api.base import format_timestamp
-
-    assert supervisor.qr is not None
-    return format_timestamp(supervisor.qr.expires_at)
 
 
 async def pair_code(request: web.Request) -> web.Response:

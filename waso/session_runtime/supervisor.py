@@ -219,7 +219,7 @@ class SessionSupervisor:
         if isinstance(event, QrCode):
             self.qr = event
             self._set(RuntimeState.AWAITING_PAIRING)
-            self._notify("qr", {"code": event.code, "expiresAt": format_timestamp(event.expires_at)})
+            self._notify("qr", qr_payload(event))
         elif isinstance(event, Paired):
             self.stored_jid = event.jid
             self.qr = None
@@ -302,6 +302,11 @@ class SessionSupervisor:
     def _notify(self, event: str, data: dict[str, Any]) -> None:
         for listener in list(self.listeners):
             listener.put_nowait((event, data))
+
+
+def qr_payload(qr: QrCode) -> dict[str, Any]:
+    """The data of a `qr` Server-Sent Event."""
+    return {"code": qr.code, "expiresAt": format_timestamp(qr.expires_at)}
 
 
 async def _first(*awaitables: Awaitable[Any]) -> Any:
