@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import die_with_parent
+from localcluster import die_with_parent, http_ok
 
 from tests.support import free_port, wait_for
 
@@ -116,11 +116,7 @@ def spawn_waso(args: list[str], env: dict[str, str], log: Path) -> subprocess.Po
 def _ready(process: Process, path: str) -> bool:
     if process.proc.poll() is not None:
         raise AssertionError(f"process exited with {process.proc.returncode}:\n{process.tail()}")
-    try:
-        with urllib.request.urlopen(process.url + path, timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    return http_ok(process.url + path)
 
 
 @contextlib.contextmanager

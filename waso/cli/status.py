@@ -19,7 +19,7 @@ from waso.api.conditions import find_condition
 from waso.api.quota import TenantQuota
 from waso.api.session import WhatsAppSession
 from waso.kube import load_api_client
-from waso.operator.world import honoured_quota, quota_facts
+from waso.operator.world import QuotaFacts, honoured_quota, quota_facts
 
 
 def gather(api: client.ApiClient, namespace: str | None, name: str | None) -> dict[str, Any]:
@@ -33,26 +33,24 @@ def gather(api: client.ApiClient, namespace: str | None, name: str | None) -> di
         return cast(list[dict[str, Any]], cast(dict[str, Any], found)["items"])
 
     sessions = [WhatsAppSession.model_validate(o) for o in listing(WhatsAppSession.PLURAL)]
-    quotas = [TenantQuota.model_validate(o) for o in listing(TenantQuota.PLURAL)]
+    quotas = [quota_facts(o) for o in listing(TenantQuota.PLURAL)]
     if name:
         sessions = [s for s in sessions if s.metadata.name == name]
-    tenants = sorted({s.metadata.namespace or "" for s in sessions} | {q.metadata.namespace or "" for q in quotas})
+    tenants = sorted({s.metadata.namespace or "" for s in sessions} | {q.namespace for q in quotas})
     return {"tenants": [_tenant(ns, sessions, quotas) for ns in tenants]}
 
 
-def _tenant(namespace: str, sessions: Iterable[WhatsAppSession], quotas: Iterable[TenantQuota]) -> dict[str, Any]:
-    own = [q for q in quotas if q.metadata.namespace == namespace]
-    honoured = honoured_quota([quota_facts(q.to_wire()) for q in own])
-    in_force = next((q for q in own if honoured is not None and q.metadata.uid == honoured.uid), None)
+def _tenant(namespace: str, sessions: Iterable[WhatsAppSession], quotas: Iterable[QuotaFacts]) -> dict[str, Any]:
+    own = [q for q in quotas if q.namespace == namespace]
+    in_force = honoured_quota(own)
     quota: dict[str, Any] | None = None
     if in_force is not None:
-        status = in_force.status
         quota = {
-            "name": in_force.metadata.name,
+            "name": in_force.name,
             "maxSessions": in_force.spec.max_sessions,
             "messagesPerMinute": in_force.spec.messages_per_minute,
-            "usedSessions": status.used.sessions if status and status.used else None,
-            "ignored": [q.metadata.name for q in own if q is not in_force],
+            "usedSessions": in_force.status.used.sessions if in_force.status.used else None,
+            "ignored": [q.name for q in own if q.uid != in_force.uid],
         }
     rows = [_session(s) for s in sorted(sessions, key=lambda s: s.metadata.name) if s.metadata.namespace == namespace]
     return {"namespace": namespace, "quota": quota, "sessions": rows}
