@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +23,7 @@ from waso.operator.health import device_health
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.resources import RUNTIME_RULES, statefulset, tenant_objects
 from waso.operator.status import desired_status
-from waso.operator.world import SessionFacts
+from waso.operator.world import SessionFacts, pod_facts
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -224,6 +225,47 @@ def test_an_unchanged_world_yields_an_identical_status() -> None:
     status = WhatsAppSessionStatus(conditions=first.conditions, admitted_at=first.admitted_at)
     stored = replace(session, admitted=True, status=status)
     assert desired_status(stored, ADMITTED, 0, T0 + timedelta(hours=1)).to_wire() == first.to_wire()
+
+
+def _session_pod(*, ready: bool, last_reason: str | None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    last = {"terminated": {"reason": last_reason, "exitCode": 137}} if last_reason else {}
+    return {
+        "metadata": {"name": "waso-sessions-1", "namespace": "acme"},
+        "spec": {"containers": [{"name": "runtime", "resources": {"limits": {"memory": "16Mi"}}}]},
+        "status": {
+            "containerStatuses": [
+                {"name": "runtime", "ready": ready, "restartCount": 3, "lastState": last, "state": state or {}}
+            ]
+        },
+    }
+
+
+def test_an_oom_killed_session_pod_is_named_in_connected_and_stalls_the_session() -> None:
+    waiting = {"waiting": {"reason": "CrashLoopBackOff"}}
+    pod = pod_facts(_session_pod(ready=False, last_reason="OOMKilled", state=waiting))
+    assert pod is not None
+    assert (pod.shard, pod.out_of_memory, pod.memory_limit, pod.restarts) == (1, True, "16Mi", 3)
+    jid = "4915112345678:53@s.whatsapp.net"
+    stale = RuntimeStatus(state=RuntimeState.CONNECTED, jid=jid, stored_jid=jid)  # written before the kill
+    status = desired_status(facts("s", shard=1, runtime=stale), ADMITTED, 1, T0, pod=pod)
+    connected = find_condition(status.conditions, "Connected")
+    assert connected is not None
+    assert (connected.status, connected.reason) == ("False", "OutOfMemory")
+    assert "16Mi" in connected.message
+    assert "TenantQuota" in connected.message
+    stalled = find_condition(status.conditions, "Stalled")
+    assert stalled is not None
+    assert (stalled.status, stalled.reason, status.phase) == ("True", "OutOfMemory", "Failed")
+
+
+def test_a_session_pod_that_recovered_from_an_oom_kill_is_not_reported() -> None:
+    recovered = pod_facts(_session_pod(ready=True, last_reason="OOMKilled", state={"running": {}}))
+    other_crash = pod_facts(_session_pod(ready=False, last_reason="Error"))
+    assert recovered is not None
+    assert other_crash is not None
+    assert not recovered.out_of_memory
+    assert not other_crash.out_of_memory
+    assert pod_facts({"metadata": {"name": "not-a-statefulset-pod", "namespace": "acme"}}) is None
 
 
 # -- tenant workload -------------------------------------------------------------------------

@@ -84,6 +84,8 @@ class Reason(StrEnum):
     """The live JID differs from the stored one."""
     DEVICE_ID_ABOVE_POLICY = "DeviceIdAbovePolicy"
     """The device number exceeds the opt-in maxDeviceId policy."""
+    OUT_OF_MEMORY = "OutOfMemory"
+    """The kernel killed the session pod at its memory limit (OOMKilled); the tenant's quota must allow more."""
     # Summary
     READY = "Ready"
     """Everything the spec asks for holds."""

@@ -45,7 +45,7 @@ from waso.operator.status import (
     observed_operator_status,
     observed_quota_status,
 )
-from waso.operator.world import SHARD_LABEL, QuotaFacts, SessionFacts, honoured_quota
+from waso.operator.world import SHARD_LABEL, PodFacts, QuotaFacts, SessionFacts, honoured_quota
 
 MANAGER = "waso-operator"
 REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER_CONFLICT}
@@ -74,6 +74,7 @@ class Controller:
         self.clock = clock
         self.sessions: Mapping[str, Iterable[SessionFacts]] = {}
         self.quotas: Mapping[str, Iterable[QuotaFacts]] = {}
+        self.pods: Mapping[str, Iterable[PodFacts]] = {}
         self.ledger: dict[str, Written] = {}
         self.quota_ledger: dict[str, tuple[dict[str, Any], int]] = {}
         self.applied_tenants: dict[str, str] = {}
@@ -84,10 +85,13 @@ class Controller:
         metrics.CAPACITY.set(config.max_sessions)
 
     def attach(
-        self, sessions: Mapping[str, Iterable[SessionFacts]], quotas: Mapping[str, Iterable[QuotaFacts]]
+        self,
+        sessions: Mapping[str, Iterable[SessionFacts]],
+        quotas: Mapping[str, Iterable[QuotaFacts]],
+        pods: Mapping[str, Iterable[PodFacts]],
     ) -> None:
         """Hand over kopf's live index views (the same objects on every call)."""
-        self.sessions, self.quotas = sessions, quotas
+        self.sessions, self.quotas, self.pods = sessions, quotas, pods
 
     def poke(self) -> None:
         self._wake.set()
@@ -122,6 +126,7 @@ class Controller:
         quotas_by_ns = {ns: list(qs) for ns, qs in list(self.quotas.items())}
         honoured = {ns: honoured_quota(qs) for ns, qs in quotas_by_ns.items()}
         namespaces = {s.namespace for s in sessions}
+        pods = {(p.namespace, p.shard): p for facts in list(self.pods.values()) for p in facts}
         limits = {ns: self._quota_spec(honoured.get(ns)).max_sessions for ns in namespaces}
 
         verdicts = plan_admission(sessions, {s.uid: s.admitted for s in sessions}, limits, self.config.max_sessions)
@@ -156,7 +161,8 @@ class Controller:
             if session.uid not in verdicts:
                 continue
             shard = shards.get(session.uid)
-            desired = desired_status(session, verdicts[session.uid], shard, now, self.config.max_device_id)
+            pod = pods.get((session.namespace, shard)) if shard is not None else None
+            desired = desired_status(session, verdicts[session.uid], shard, now, self.config.max_device_id, pod)
             tally[(session.namespace, desired.phase.value)] += 1
             if (
                 desired.to_wire() != observed_operator_status(session)

@@ -14,7 +14,8 @@ from waso.api.base import GROUP, VERSION
 from waso.kube import KubeClient, load_api_client
 from waso.operator.config import load_config
 from waso.operator.controller import Controller
-from waso.operator.world import QuotaFacts, SessionFacts, quota_facts, session_facts
+from waso.operator.resources import SELECTOR
+from waso.operator.world import PodFacts, QuotaFacts, SessionFacts, pod_facts, quota_facts, session_facts
 
 SESSIONS = (GROUP, VERSION, "whatsappsessions")
 QUOTAS = (GROUP, VERSION, "tenantquotas")
@@ -67,11 +68,19 @@ def quotas_by_tenant(body: kopf.Body, **_: Any) -> dict[str, QuotaFacts]:
     return {facts.namespace: facts}
 
 
+@kopf.index("v1", "pods", labels=SELECTOR)
+def session_pods_by_tenant(body: kopf.Body, **_: Any) -> dict[str, PodFacts] | None:
+    facts = pod_facts(body)
+    return {facts.namespace: facts} if facts is not None else None
+
+
 @kopf.on.event(*SESSIONS)
 @kopf.on.event(*QUOTAS)
+@kopf.on.event("v1", "pods", labels=SELECTOR)
 def poke(memo: kopf.Memo, **kwargs: Any) -> None:
     """Every watch event: the indexes are current, so the next pass sees it."""
     sessions: kopf.Index[str, SessionFacts] = kwargs["sessions_by_tenant"]
     quotas: kopf.Index[str, QuotaFacts] = kwargs["quotas_by_tenant"]
-    memo.controller.attach(sessions, quotas)
+    pods: kopf.Index[str, PodFacts] = kwargs["session_pods_by_tenant"]
+    memo.controller.attach(sessions, quotas, pods)
     memo.controller.poke()

@@ -24,7 +24,7 @@ from waso.api.conditions import (
 from waso.api.session import Phase, RuntimeState, RuntimeStatus
 from waso.operator.admission import Verdict
 from waso.operator.health import Health, device_health
-from waso.operator.world import QuotaFacts, SessionFacts
+from waso.operator.world import PodFacts, QuotaFacts, SessionFacts
 
 RUNTIME_PORT = 8080
 _WAITING = {Reason.QUOTA_EXCEEDED, Reason.CAPACITY_EXCEEDED}
@@ -66,7 +66,17 @@ def _paired(runtime: RuntimeStatus | None) -> tuple[ConditionStatus, Reason, str
     return "False", Reason.NOT_PAIRED, "no credentials stored: scan the QR code or enter the pairing code"
 
 
-def _connected(runtime: RuntimeStatus | None) -> tuple[ConditionStatus, Reason, str]:
+def out_of_memory_message(pod: PodFacts) -> str:
+    limit = f" of {pod.memory_limit}" if pod.memory_limit else ""
+    return (
+        f"session pod {pod.name} was killed at its memory limit{limit} (OOMKilled, {pod.restarts} restarts); "
+        "raise spec.podResources.limits.memory of the namespace's TenantQuota"
+    )
+
+
+def _connected(runtime: RuntimeStatus | None, pod: PodFacts | None) -> tuple[ConditionStatus, Reason, str]:
+    if pod is not None and pod.out_of_memory:  # the runtime's own report is stale: its process was killed
+        return "False", Reason.OUT_OF_MEMORY, out_of_memory_message(pod)
     if runtime is None or runtime.state is None:
         return "Unknown", Reason.NO_RUNTIME_REPORT, "no session runtime has reported yet"
     if runtime.state == RuntimeState.CONNECTED:
@@ -79,7 +89,9 @@ def _connected(runtime: RuntimeStatus | None) -> tuple[ConditionStatus, Reason, 
     return "False", Reason.DISCONNECTED, f"runtime state {runtime.state.value}{detail}"
 
 
-def _summary(verdict: Verdict, runtime: RuntimeStatus | None, health: Health) -> tuple[Progress, str, str, Phase]:
+def _summary(
+    verdict: Verdict, runtime: RuntimeStatus | None, health: Health, pod: PodFacts | None
+) -> tuple[Progress, str, str, Phase]:
     if verdict.reason == Reason.PHONE_NUMBER_CONFLICT:
         return "Stalled", verdict.reason, verdict.message, Phase.FAILED
     if verdict.reason == Reason.SUSPENDED:
@@ -88,6 +100,8 @@ def _summary(verdict: Verdict, runtime: RuntimeStatus | None, health: Health) ->
         return "Reconciling", verdict.reason, verdict.message, Phase.DELETING
     if verdict.reason in _WAITING:
         return "Reconciling", verdict.reason, verdict.message, Phase.WAITING
+    if pod is not None and pod.out_of_memory:  # does not heal by itself: a person raises the limit
+        return "Stalled", Reason.OUT_OF_MEMORY, out_of_memory_message(pod), Phase.FAILED
     if health.healthy is False:
         return "Stalled", health.reason, health.message, Phase.FAILED
     state = runtime.state if runtime else None
@@ -115,8 +129,14 @@ DELETING = Verdict(
 
 
 def desired_status(
-    facts: SessionFacts, verdict: Verdict, shard: int | None, now: datetime, max_device_id: int | None = None
+    facts: SessionFacts,
+    verdict: Verdict,
+    shard: int | None,
+    now: datetime,
+    max_device_id: int | None = None,
+    pod: PodFacts | None = None,
 ) -> OperatorStatus:
+    """``pod`` is the session pod of ``shard``, when one exists."""
     generation = facts.generation
     runtime = facts.runtime
     health = device_health(runtime, max_device_id)
@@ -128,10 +148,10 @@ def desired_status(
 
     put(ConditionType.ADMITTED, "True" if verdict.admitted else "False", verdict.reason, verdict.message)
     put(ConditionType.PAIRED, *_paired(runtime))
-    put(ConditionType.CONNECTED, *_connected(runtime))
+    put(ConditionType.CONNECTED, *_connected(runtime, pod))
     healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
     put(ConditionType.DEVICE_HEALTHY, healthy, health.reason, health.message)
-    progress, reason, message, phase = _summary(verdict, runtime, health)
+    progress, reason, message, phase = _summary(verdict, runtime, health, pod)
     conditions = set_kstatus(conditions, progress, reason, message, observed_generation=generation, now=now)
 
     admitted_at = facts.status.admitted_at

@@ -87,6 +87,45 @@ def session_facts(body: Mapping[str, Any]) -> SessionFacts:
 
 
 @dataclass(frozen=True)
+class PodFacts:
+    """What the operator needs to know about one session pod (a shard of a tenant)."""
+
+    namespace: str
+    name: str
+    shard: int
+    ready: bool
+    out_of_memory: bool
+    """The runtime container was OOMKilled and has not been ready since."""
+    restarts: int
+    memory_limit: str | None
+
+
+def pod_facts(body: Mapping[str, Any]) -> PodFacts | None:
+    """Facts of a session pod (a StatefulSet pod named ``<set>-<ordinal>``); None for any other pod."""
+    meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
+    ordinal = meta.get("name", "").rpartition("-")[2]
+    if not ordinal.isdigit():
+        return None
+    containers = status.get("containerStatuses") or []
+    ready = bool(containers) and all(c.get("ready") for c in containers)
+
+    def killed(state: Mapping[str, Any] | None) -> bool:
+        return bool(state) and (state or {}).get("terminated", {}).get("reason") == "OOMKilled"
+
+    oom = any(killed(c.get("state")) or killed(c.get("lastState")) for c in containers)
+    limits = [c.get("resources", {}).get("limits", {}).get("memory") for c in spec.get("containers", [])]
+    return PodFacts(
+        namespace=meta.get("namespace", ""),
+        name=meta["name"],
+        shard=int(ordinal),
+        ready=ready,
+        out_of_memory=oom and not ready,
+        restarts=sum(int(c.get("restartCount", 0)) for c in containers),
+        memory_limit=next((limit for limit in limits if limit), None),
+    )
+
+
+@dataclass(frozen=True)
 class QuotaFacts:
     uid: str
     namespace: str
@@ -132,9 +171,11 @@ def honoured_quota(quotas: list[QuotaFacts]) -> QuotaFacts | None:
 
 __all__ = [
     "SHARD_LABEL",
+    "PodFacts",
     "QuotaFacts",
     "SessionFacts",
     "honoured_quota",
+    "pod_facts",
     "quota_facts",
     "session_facts",
 ]
