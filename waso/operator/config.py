@@ -1,16 +1,25 @@
 """Operator configuration: a YAML file (Helm values render it) overridden by WASO_* variables.
 
+``OperatorConfig`` is the single source of every setting: the Helm chart's values schema and
+its documented defaults are generated from it (``waso.operator.chart_schema``). The file
+spells settings in camelCase like the chart's values and the CRDs (``maxSessions``,
+``defaultQuota.sessionsPerPod``; snake_case is accepted too); a variable spells them in
+upper snake case (``WASO_MAX_SESSIONS``, ``WASO_DEFAULT_QUOTA__SESSIONS_PER_POD``).
+
 Everything is validated when the operator starts; a bad value stops it with a message
-naming the setting, before it touches the cluster.
+naming the setting and its variable, before it touches the cluster.
 """
 
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.alias_generators import to_camel, to_snake
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from waso.api.base import Quantity
@@ -23,7 +32,12 @@ class OperatorConfig(BaseSettings):
     """Settings of one operator deployment."""
 
     model_config = SettingsConfigDict(
-        env_prefix="WASO_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
+        env_prefix="WASO_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        use_attribute_docstrings=True,
     )
 
     max_sessions: int = Field(default=35, ge=0, le=100_000)
@@ -33,6 +47,7 @@ class OperatorConfig(BaseSettings):
     runtime_image: str = Field(default="waso:dev", min_length=1)
     """Container image of the session pods."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Pull policy of the session pods' image."""
     transport: Literal["neonize", "simulator"] = "neonize"
     """How the session pods reach WhatsApp: the real service, or the waso simulator."""
     simulator_url: str | None = Field(default=None, pattern=r"^https?://")
@@ -44,6 +59,7 @@ class OperatorConfig(BaseSettings):
     volume_size: Quantity = "1Gi"
     """Credential volume of each session pod."""
     storage_class: str | None = None
+    """StorageClass of the credential volumes; unset: the cluster's default class."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Prometheus metrics port of the operator; 0 disables it."""
     resync_seconds: float = Field(default=30.0, gt=0, le=3600)
@@ -55,7 +71,9 @@ class OperatorConfig(BaseSettings):
 
     def model_post_init(self, context: object) -> None:
         if self.transport == "simulator" and not self.simulator_url:
-            raise ValueError("simulator_url (WASO_SIMULATOR_URL) is required when transport is simulator")
+            raise ValueError(
+                "simulator_url (setting simulatorUrl, variable WASO_SIMULATOR_URL) is required with transport simulator"
+            )
 
     @classmethod
     def settings_customise_sources(
@@ -69,8 +87,65 @@ class OperatorConfig(BaseSettings):
         path = os.environ.get(CONFIG_ENV)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if path:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=Path(path)))
+            sources.append(_YamlSource(settings_cls, yaml_file=Path(path)))
         return tuple(sources)
+
+
+def setting_key(loc: tuple[int | str, ...]) -> str:
+    """How a setting is spelt in the file and the chart's ``config`` values: ``defaultQuota.maxSessions``."""
+    return ".".join(to_camel(str(part)) for part in loc)
+
+
+def setting_variable(loc: tuple[int | str, ...]) -> str:
+    """The variable that sets it: ``WASO_DEFAULT_QUOTA__MAX_SESSIONS``."""
+    return "WASO_" + "__".join(to_snake(str(part)).upper() for part in loc)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [m for m in map(_nested_model, typing.get_args(annotation)) if m is not None]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
+def _by_field_name(model: type[BaseModel], data: Any, where: str = "") -> Any:
+    """The file's keys as field names, at every level: environment variables are merged in by field
+    name, and a nested mapping holding both spellings of one key would be refused as an extra input."""
+    if not isinstance(data, dict):
+        return data
+    spellings: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        for spelling in (name, to_camel(name), field.alias):
+            if spelling:
+                spellings[spelling] = name
+    result: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for key, value in data.items():
+        field_name = spellings.get(str(key), str(key))
+        if field_name in seen:
+            raise ValueError(f"{where}{seen[field_name]} and {where}{key} are the same setting: set it once")
+        seen[field_name] = str(key)
+        info = model.model_fields.get(field_name)
+        nested = _nested_model(info.annotation) if info else None
+        result[field_name] = _by_field_name(nested, value, f"{where}{to_camel(field_name)}.") if nested else value
+    return result
+
+
+class _YamlSource(YamlConfigSettingsSource):
+    """The configuration file, with camelCase keys (as the chart writes them) or snake_case ones."""
+
+    def __init__(self, settings_cls: type[BaseSettings], yaml_file: Path) -> None:
+        self._model = settings_cls  # _read_file runs inside the base class's __init__
+        super().__init__(settings_cls, yaml_file=yaml_file)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{file_path}: the configuration file must be a mapping of settings")
+        result: dict[str, Any] = _by_field_name(self._model, data)
+        return result
 
 
 class ConfigError(ValueError):
@@ -86,9 +161,9 @@ def load_config() -> OperatorConfig:
     except ValidationError as error:
         problems = []
         for problem in error.errors():
-            where = ".".join(str(p) for p in problem["loc"]) or "configuration"
-            env = "WASO_" + "__".join(str(p) for p in problem["loc"]).upper() if problem["loc"] else ""
-            source = f" (setting {where}, variable {env})" if env else ""
+            loc = problem["loc"]
+            where = ".".join(to_snake(str(p)) for p in loc) or "configuration"
+            source = f" (setting {setting_key(loc)}, variable {setting_variable(loc)})" if loc else ""
             problems.append(f"{where}: {problem['msg']}{source}")
         raise ConfigError("invalid operator configuration:\n  " + "\n  ".join(problems)) from None
     except ValueError as error:
