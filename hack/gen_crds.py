@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the CRDs generated from waso.api into crds/ (``make crds``)."""
+"""Write the CRDs generated from waso.api into crds/, and the chart's generated files (``make crds``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gen_chart
 import yaml
 
 from waso.api.crd import build_crds
@@ -89,7 +90,7 @@ def main() -> int:
             print(f"wrote {(directory / name).relative_to(ROOT)}")
     REFERENCE.write_text(render_reference(wanted))
     print(f"wrote {REFERENCE.relative_to(ROOT)}")
-    return 0
+    return gen_chart.main()
 
 
 if __name__ == "__main__":
