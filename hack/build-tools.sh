@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the local control plane and helm from the Go module proxy into bin/.
+# Builds the local control plane, the node (kubelet, kube-proxy, containerd,
+# CoreDNS, the pause image) and helm from the Go module proxy into bin/.
 #
 # Every binary reports its real version (stamped through ldflags where the
 # upstream build does the same). A binary is rebuilt only when the version it
@@ -14,18 +15,39 @@ mkdir -p "$bin"
 export GOFLAGS="-trimpath -buildvcs=false"
 
 log() { printf '[build-tools] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
 
 reports_version() {  # binary, version-flag, expected
-  [[ -x "$bin/$1" ]] && "$bin/$1" $2 2>/dev/null | grep -qF -- "$3"
+  # Output captured, not piped to `grep -q`: under pipefail, grep exiting at the
+  # first match can kill the binary with SIGPIPE and fail a current binary.
+  local out
+  [[ -x "$bin/$1" ]] || return 1
+  out="$("$bin/$1" $2 2>/dev/null || true)"
+  [[ "$out" == *"$3"* ]]
+}
+
+require_pin() {  # tool directory, module, pinned version: the go.mod must require the pin
+  local required
+  required="$(cd "$root/hack/tools/$1" && go list -m -f '{{.Version}}' "$2")"
+  [[ "$required" == "$3" ]] ||
+    die "hack/tools/$1/go.mod requires $2 $required but hack/versions.env pins $3"
 }
 
 build_kubernetes() {
-  local wanted=() name
-  for name in kube-apiserver kube-controller-manager kube-scheduler; do
-    reports_version "$name" --version "Kubernetes $KUBERNETES_VERSION" || wanted+=("$name")
+  # The checks run in parallel: each of these large binaries takes a while to start.
+  local names=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+  local wanted=() checks=() name i
+  for name in "${names[@]}"; do
+    if [[ "$name" == kubectl ]]; then
+      reports_version kubectl "version --client" "Client Version: $KUBERNETES_VERSION" &
+    else
+      reports_version "$name" --version "Kubernetes $KUBERNETES_VERSION" &
+    fi
+    checks+=("$!")
   done
-  reports_version kubectl "version --client" "Client Version: $KUBERNETES_VERSION" || wanted+=(kubectl)
+  for i in "${!names[@]}"; do wait "${checks[$i]}" || wanted+=("${names[$i]}"); done
   if ((${#wanted[@]} == 0)); then log "kubernetes $KUBERNETES_VERSION: up to date"; return; fi
+  require_pin kubernetes k8s.io/kubernetes "$KUBERNETES_VERSION"
 
   local minor ld="" pkg
   minor="$(cut -d. -f2 <<<"$KUBERNETES_VERSION")"
@@ -44,21 +66,117 @@ build_etcd() {
   if reports_version etcd --version "etcd Version: ${ETCD_VERSION#v}"; then
     log "etcd $ETCD_VERSION: up to date"; return
   fi
+  require_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
   log "etcd $ETCD_VERSION: building"
   (cd "$root/hack/tools/etcd" && go build -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
 }
 
+# The Kubernetes version `helm template` assumes without a cluster. Upstream
+# stamps its own client-go minor; we stamp the cluster's, so charts are
+# rendered (and linted for deprecations) against the Kubernetes we run.
+helm_kube_version() { echo "v1.$(cut -d. -f2 <<<"$KUBERNETES_VERSION").0"; }
+
+helm_renders_for_pinned_kubernetes() {  # an unstamped helm renders for v1.20.0
+  local chart rendered
+  chart="$(mktemp -d)"
+  mkdir "$chart/templates"
+  printf 'apiVersion: v2\nname: probe\nversion: 0.0.0\n' >"$chart/Chart.yaml"
+  printf 'kubeVersion: {{ .Capabilities.KubeVersion.Version }}\n' >"$chart/templates/probe.yaml"
+  rendered="$("$bin/helm" template probe "$chart" 2>/dev/null || true)"
+  rm -rf "$chart"
+  [[ "$rendered" == *"kubeVersion: $(helm_kube_version)"* ]]
+}
+
 build_helm() {
-  if reports_version helm version "Version:\"$HELM_VERSION\""; then
+  if reports_version helm version "Version:\"$HELM_VERSION\"" && helm_renders_for_pinned_kubernetes; then
     log "helm $HELM_VERSION: up to date"; return
   fi
-  log "helm $HELM_VERSION: building"
-  (cd "$root/hack/tools/helm" && go build \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-    -o "$bin/helm" helm.sh/helm/v3/cmd/helm)
+  require_pin helm helm.sh/helm/v3 "$HELM_VERSION"
+  local kube ld pkg
+  kube="$(helm_kube_version)"
+  ld="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ld+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$(cut -d. -f2 <<<"$kube")"
+  done
+  log "helm $HELM_VERSION: building (default Kubernetes version $kube)"
+  (cd "$root/hack/tools/helm" && go build -ldflags "-s -w $ld" -o "$bin/helm" helm.sh/helm/v3/cmd/helm)
+}
+
+build_containerd() {
+  # As containerd's Makefile: static, no man-page generator, the shim without gRPC.
+  local module=github.com/containerd/containerd/v2 wanted=() shim=""
+  reports_version containerd --version "$module $CONTAINERD_VERSION" || wanted+=("$module/cmd/containerd")
+  reports_version ctr --version "$module $CONTAINERD_VERSION" || wanted+=("$module/cmd/ctr")
+  reports_version containerd-shim-runc-v2 -v "Version:  $CONTAINERD_VERSION" || shim=yes
+  if ((${#wanted[@]} == 0)) && [[ -z "$shim" ]]; then log "containerd $CONTAINERD_VERSION: up to date"; return; fi
+  require_pin containerd "$module" "$CONTAINERD_VERSION"
+
+  local ld="-s -w -X $module/version.Version=$CONTAINERD_VERSION"
+  log "containerd $CONTAINERD_VERSION: building ${wanted[*]##*/} ${shim:+containerd-shim-runc-v2}"
+  (
+    cd "$root/hack/tools/containerd"
+    export CGO_ENABLED=0
+    if ((${#wanted[@]})); then
+      go build -tags urfave_cli_no_docs -ldflags "$ld" -o "$bin/" "${wanted[@]}"
+    fi
+    if [[ -n "$shim" ]]; then
+      go build -tags "urfave_cli_no_docs no_grpc" -ldflags "$ld" -o "$bin/" "$module/cmd/containerd-shim-runc-v2"
+    fi
+  )
+}
+
+build_coredns() {
+  # hack/tools/coredns/main.go: CoreDNS with the cluster-DNS plugins only. The
+  # version is a constant in coremain: no ldflags needed.
+  if reports_version coredns -version "CoreDNS-${COREDNS_VERSION#v}"; then
+    log "coredns $COREDNS_VERSION: up to date"; return
+  fi
+  require_pin coredns github.com/coredns/coredns "$COREDNS_VERSION"
+  log "coredns $COREDNS_VERSION: building"
+  (cd "$root/hack/tools/coredns" && CGO_ENABLED=0 go build -ldflags "-s -w" -o "$bin/coredns" .)
+}
+
+build_pause() {
+  if reports_version pause -v "pause.go version $PAUSE_VERSION"; then
+    log "pause $PAUSE_VERSION: up to date"; return
+  fi
+  log "pause $PAUSE_VERSION: building"
+  (cd "$root/hack/tools/pause" && CGO_ENABLED=0 go build -ldflags "-s -w -X main.version=$PAUSE_VERSION" -o "$bin/pause" .)
+}
+
+# The pod sandbox image, as an OCI archive for `ctr -n k8s.io images import`:
+# bin/pause alone, run as 65535:65535 like registry.k8s.io/pause.
+build_pause_image() {
+  local image="localhost/waso-pause:$PAUSE_VERSION" archive="$bin/pause.oci.tar" index=""
+  if [[ -f "$archive" && ! "$bin/pause" -nt "$archive" ]]; then
+    index="$(tar -xOf "$archive" index.json 2>/dev/null || true)"
+  fi
+  if [[ "$index" == *"\"$image\""* ]]; then log "pause image $image: up to date"; return; fi
+  command -v buildah >/dev/null || die "buildah is missing (Debian package buildah; bash hack/setup.sh installs it)"
+
+  log "pause image $image: building $archive"
+  local container
+  container="$(buildah from --name "waso-pause-build-$$" scratch)"
+  if ! {
+    buildah copy --quiet "$container" "$bin/pause" /pause >/dev/null &&
+      buildah config --entrypoint '["/pause"]' --user 65535:65535 --os linux --arch amd64 "$container" &&
+      buildah commit --quiet --rm --timestamp 0 "$container" "$image" >/dev/null
+  }; then
+    buildah rm "$container" >/dev/null 2>&1 || true
+    die "buildah could not build $image"
+  fi
+  rm -f "$archive.tmp"
+  buildah push --quiet "$image" "oci-archive:$archive.tmp:$image"
+  buildah rmi "$image" >/dev/null
+  mv "$archive.tmp" "$archive"
 }
 
 build_etcd
 build_kubernetes
 build_helm
-log "done: $(cd "$bin" && echo etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm)"
+build_containerd
+build_coredns
+build_pause
+build_pause_image
+log "done: $(cd "$bin" && echo etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm \
+  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns pause pause.oci.tar)"
