@@ -203,6 +203,13 @@ def test_simulator_value_runs_it_in_the_cluster_and_points_the_sessions_at_it(
     assert service["spec"]["ports"] == [{"name": "http", "port": 8090, "targetPort": "http"}]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"] != find(docs, "Deployment", "waso-operator")["spec"]["selector"]["matchLabels"]
+    components = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"
+    }
+    assert {name: labels["app.kubernetes.io/component"] for name, labels in components.items()} == {
+        "waso-operator": "operator",
+        "waso-simulator": "simulator",
+    }
     config = operator_config(docs, tmp_path, monkeypatch)
     assert (config.transport, config.simulator_url) == ("simulator", "http://waso-simulator.waso-system.svc:8090")
 

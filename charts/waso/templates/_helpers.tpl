@@ -7,6 +7,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- define "waso.labels" -}}
 app.kubernetes.io/name: waso-operator
+app.kubernetes.io/component: operator
 {{ include "waso.commonLabels" . }}
 {{- end -}}
 {{- define "waso.selector" -}}
@@ -19,6 +20,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "waso.simulator.name" -}}{{ .Release.Name }}-simulator{{- end -}}
 {{- define "waso.simulator.labels" -}}
 app.kubernetes.io/name: waso-simulator
+app.kubernetes.io/component: simulator
 {{ include "waso.commonLabels" . }}
 {{- end -}}
 {{- define "waso.simulator.selector" -}}
