@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/bin:$(PATH)
 
-.PHONY: help setup tools cluster-up cluster-down crds test lint format bench bench-operator bench-runtime demo
+.PHONY: help setup tools image cluster-up cluster-down crds test lint format bench bench-operator bench-runtime demo kind
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -12,17 +12,23 @@ help: ## list the targets
 setup: ## install Debian packages and the virtualenv (.venv)
 	bash hack/setup.sh
 
-tools: ## build etcd, the Kubernetes control plane, kubectl and helm into bin/
+tools: ## build etcd, the control plane, the node (kubelet, kube-proxy, containerd, CoreDNS, pause), kubectl, helm
 	bash hack/build-tools.sh
 
-cluster-up: ## start a local control plane on loopback (kubeconfig: .cluster/kubeconfig)
+image: ## build waso's image (buildah here, docker elsewhere) and its archive bin/waso-image.tar for the node
+	bash hack/build-image.sh
+
+cluster-up: ## start a local control plane and its node (kubeconfig: .cluster/kubeconfig, context waso-local)
 	$(PY) hack/localcluster.py up
 
 cluster-down: ## stop the local control plane and remove its data
 	$(PY) hack/localcluster.py down
 
-demo: ## local cluster, operator, node agent, simulator and the sample tenants; Ctrl-C stops it
+demo: tools image ## local cluster with a real node, waso installed by Helm, the sample tenants; Ctrl-C stops it
 	PYTHONPATH=hack $(PY) hack/demo.py
+
+kind: ## the same install on kind (needs a Docker engine and kind; not on machines without Docker)
+	bash hack/kind.sh
 
 crds: ## regenerate crds/ from the models in waso/api
 	$(PY) hack/gen_crds.py
@@ -37,7 +43,7 @@ format: ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint ## lint, then every test against a fresh local control plane and Redis
+test: lint image ## lint, then every test against a fresh local cluster with a real node, and Redis
 	$(PY) -m pytest
 
 bench: bench-operator bench-runtime ## every benchmark

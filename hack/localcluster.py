@@ -3,8 +3,11 @@
 
 Starts etcd, kube-apiserver (RBAC, PodSecurity, ServiceAccount token signing,
 certificates generated here), kube-controller-manager and kube-scheduler from
-the binaries that ``hack/build-tools.sh`` builds into ``bin/``, and writes an
-admin kubeconfig.
+the binaries that ``hack/build-tools.sh`` builds into ``bin/``, writes an
+admin kubeconfig, and (unless ``node=False``) one real node in namespaces of its
+own (``hack/localnode.py``): kubelet, containerd, runc, CNI, kube-proxy, CoreDNS.
+With a node, the API server listens on the machine's end of the node's veth pair
+(``10.250.N.1``) instead of 127.0.0.1, so that the node and its pods reach it.
 
 Two ways to own the processes:
 
@@ -38,6 +41,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import localnode
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 DEFAULT_DIR = ROOT / ".cluster"
@@ -45,6 +50,8 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
 BUILD_HINT = "run `make tools` (hack/build-tools.sh) to build it"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+NODE_BINARIES = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "coredns", "pause.oci.tar")
+PAUSE_IMAGE_ENV = "PAUSE_VERSION"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -59,16 +66,22 @@ def free_port() -> int:
 
 
 def binary(name: str) -> Path:
+    """A file `make tools` builds into bin/ (executables, and the pause image's archive)."""
     path = BIN / name
-    if not os.access(path, os.X_OK):
+    if not os.access(path, os.R_OK if name.endswith(".tar") else os.X_OK):
         raise ClusterError(f"{path} is missing: {BUILD_HINT}")
     return path
 
 
-def die_with_parent() -> None:
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(_PR_SET_PDEATHSIG, signum)
     os.setpgid(0, 0)
+
+
+def _stop_with_parent() -> None:
+    """The node gets SIGTERM, not SIGKILL, when its caller dies: its first process cleans up (cgroups, kernel)."""
+    die_with_parent(signal.SIGTERM)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -77,8 +90,8 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise ClusterError(f"openssl {' '.join(args)} failed: {result.stderr.strip()}")
 
 
-def generate_pki(pki: Path) -> None:
-    """CA, serving and client certificates, and the ServiceAccount key pair."""
+def generate_pki(pki: Path, addresses: tuple[str, ...] = ()) -> None:
+    """CA, serving and client certificates (the node's too), and the ServiceAccount key pair."""
     pki.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl(
@@ -97,16 +110,17 @@ def generate_pki(pki: Path) -> None:
     )
     serving_san = (
         f"DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:{SERVICE_IP}"
+        + "".join(f",IP:{address}" for address in addresses)
     )
     certs = {
         "apiserver": ("/CN=kube-apiserver", f"subjectAltName={serving_san}\nextendedKeyUsage=serverAuth\n"),
         "admin": ("/O=system:masters/CN=waso-admin", "extendedKeyUsage=clientAuth\n"),
         "controller-manager": ("/CN=system:kube-controller-manager", "extendedKeyUsage=clientAuth\n"),
         "scheduler": ("/CN=system:kube-scheduler", "extendedKeyUsage=clientAuth\n"),
-        "apiserver-kubelet-client": (
-            "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
-            "extendedKeyUsage=clientAuth\n",
-        ),
+        "apiserver-kubelet-client": ("/CN=kube-apiserver-kubelet-client", "extendedKeyUsage=clientAuth\n"),
+        "kubelet": (f"/O=system:nodes/CN=system:node:{localnode.NODE_NAME}", "extendedKeyUsage=clientAuth\n"),
+        "kube-proxy": ("/CN=system:kube-proxy", "extendedKeyUsage=clientAuth\n"),
+        "coredns": ("/CN=waso-local:coredns", "extendedKeyUsage=clientAuth\n"),
     }
     for name, (subject, extensions) in certs.items():
         (pki / f"{name}.ext").write_text(extensions)
@@ -160,13 +174,16 @@ class ClusterState:
     kubeconfig: str
     ports: dict[str, int]
     pids: dict[str, int] = field(default_factory=dict)
+    node_network: int | None = None
+    """The node's index (addresses 10.250.N.1/2, pods 10.251.N.0/24), or None without a node."""
 
 
 class LocalCluster:
     """One control plane in one directory."""
 
-    def __init__(self, directory: Path = DEFAULT_DIR) -> None:
+    def __init__(self, directory: Path = DEFAULT_DIR, *, node: bool = True) -> None:
         self.directory = directory.resolve()
+        self.with_node = node
         self.state_file = self.directory / "state.json"
         self.pki = self.directory / "pki"
         self.logs = self.directory / "logs"
@@ -177,26 +194,44 @@ class LocalCluster:
     def kubeconfig(self) -> Path:
         return self.directory / "kubeconfig"
 
+    @property
+    def node_dir(self) -> Path:
+        return self.directory / "node"
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.node_dir / "run/containerd/containerd.sock"
+
+    def load_image(self, archive: Path) -> None:
+        """Import an OCI archive into the node's containerd (as `kind load image-archive` does)."""
+        if not archive.exists():
+            raise ClusterError(f"{archive} is missing: run `make image`")
+        localnode.import_image(binary("ctr"), self.containerd_socket, archive)
+
     def start(self, *, tied: bool, timeout: float = 120.0) -> ClusterState:
         if self.state_file.exists():
             raise ClusterError(f"{self.state_file} exists: a cluster may be running; stop it first (make cluster-down)")
-        for name in COMPONENTS:
+        for name in (*COMPONENTS, *(NODE_BINARIES if self.with_node else ())):
             binary(name)
         for pid in _processes_using(self.directory):  # left over by a crashed `up`
             _terminate(pid)
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.logs.mkdir(parents=True)
-        generate_pki(self.pki)
+        network = localnode.NodeNetwork.allocate() if self.with_node else None
+        address = network.host_ip if network else "127.0.0.1"
+        generate_pki(self.pki, (address,))
         ports = {
             name: free_port() for name in ("etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler")
         }
-        server = f"https://127.0.0.1:{ports['apiserver']}"
+        server = f"https://{address}:{ports['apiserver']}"
         write_kubeconfig(self.kubeconfig, server, self.pki, "admin")
-        for user in ("controller-manager", "scheduler"):
+        for user in ("controller-manager", "scheduler", "kubelet", "kube-proxy", "coredns"):
             write_kubeconfig(self.directory / f"{user}.kubeconfig", server, self.pki, user)
         self.state = ClusterState(str(self.directory), server, str(self.kubeconfig), ports)
         try:
+            if network:
+                self._start_node(network, tied)
             self._spawn("etcd", self._etcd_args(ports), tied)
             wait_until(
                 lambda: http_ok(f"http://127.0.0.1:{ports['etcd-client']}/health"),
@@ -216,6 +251,9 @@ class LocalCluster:
                 "the default ServiceAccount (kube-controller-manager)",
                 self._log_tail("kube-controller-manager"),
             )
+            if network:
+                self._apply(localnode.bootstrap_manifests(network))
+                wait_until(self._node_ready, timeout, f"node {localnode.NODE_NAME} Ready", self._node_diagnosis)
         except BaseException:
             self.stop()
             raise
@@ -224,10 +262,17 @@ class LocalCluster:
         return self.state
 
     def stop(self) -> None:
-        pids = dict(self.state.pids) if self.state else {}
+        state = asdict(self.state) if self.state else {}
         for recorded in (self.state_file, self.state_file.with_suffix(".partial")):
-            if not pids and recorded.exists():
-                pids = json.loads(recorded.read_text()).get("pids", {})
+            if not state.get("pids") and recorded.exists():
+                state = json.loads(recorded.read_text())
+        pids: dict[str, int] = state.get("pids", {})
+        # The node first: its first process stops kubelet and containerd, kills every pod and removes its cgroups.
+        for name in ("node-init", "node"):
+            if name in pids:
+                _terminate(pids[name], grace=60)
+        if state.get("node_network") is not None:
+            localnode.host_teardown(localnode.NodeNetwork(state["node_network"]))
         for name in reversed(COMPONENTS):
             if name in pids:
                 _terminate(pids[name])
@@ -239,18 +284,73 @@ class LocalCluster:
         self.state_file.unlink(missing_ok=True)
         self.state_file.with_suffix(".partial").unlink(missing_ok=True)
         shutil.rmtree(self.directory / "etcd", ignore_errors=True)
+        shutil.rmtree(self.node_dir, ignore_errors=True)  # volumes and images; logs stay in logs/
         self.processes.clear()
 
-    def _spawn(self, name: str, args: list[str], tied: bool) -> None:
+    def _start_node(self, network: localnode.NodeNetwork, tied: bool) -> None:
+        """The node's namespaces and first process; it starts kubelet once the machine has wired its network."""
+        assert self.state is not None
+        self.state.node_network = network.index
+        self.node_dir.mkdir(parents=True)
+        plan = localnode.NodePlan(
+            directory=str(self.node_dir),
+            bin=str(BIN),
+            network=network.index,
+            kubeconfig=str(self.directory / "kubelet.kubeconfig"),
+            admin_kubeconfig=str(self.kubeconfig),
+            proxy_kubeconfig=str(self.directory / "kube-proxy.kubeconfig"),
+            dns_kubeconfig=str(self.directory / "coredns.kubeconfig"),
+            ca=str(self.pki / "ca.crt"),
+            images=[str(binary("pause.oci.tar"))],
+            pause_image=pause_image(),
+        )
+        plan_file = self.node_dir / "plan.json"
+        plan_file.write_text(json.dumps(asdict(plan), indent=2))
+        init = [sys.executable, str(Path(localnode.__file__).resolve()), "init", str(plan_file)]
+        namespaces = ["--net", "--mount", "--pid", "--fork", "--mount-proc", "--propagation=private"]
+        unshare = ["unshare", *namespaces, "--kill-child=SIGTERM", "--", *init]
+        self._spawn("node", unshare, tied, preexec=_stop_with_parent if tied else None)
+        pid = self.state.pids["node"]
+        localnode.wait_for_namespace(pid)
+        localnode.host_setup(pid, network)
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            self.state.pids["node-init"] = int(children[0])
+
+    def _apply(self, objects: list[dict[str, object]]) -> None:
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+        result = subprocess.run(
+            [str(binary("kubectl")), f"--kubeconfig={self.kubeconfig}", "apply", "--server-side", "-f", "-"],
+            input=manifest, capture_output=True, text=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise ClusterError(f"kubectl apply of the node's cluster objects failed: {result.stderr.strip()}")
+
+    def _node_ready(self) -> bool:
+        failed = self.node_dir / "failed"
+        if failed.exists():
+            raise ClusterError(f"the node failed: {failed.read_text().strip()}\n{self._node_diagnosis()}")
+        result = subprocess.run(
+            [str(binary("kubectl")), f"--kubeconfig={self.kubeconfig}", "get", "node", localnode.NODE_NAME,
+             "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        return result.stdout.strip() == "True"
+
+    def _node_diagnosis(self) -> str:
+        return "\n".join(self._log_tail(name)() for name in ("node", "containerd", "kubelet"))
+
+    def _spawn(self, name: str, args: list[str], tied: bool, preexec: Callable[[], None] | None = None) -> None:
         assert self.state is not None
         log = (self.logs / f"{name}.log").open("ab")
+        command = args if name == "node" else [str(binary(name)), *args]
         proc = subprocess.Popen(
-            [str(binary(name)), *args],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.directory,
-            preexec_fn=die_with_parent if tied else None,
+            preexec_fn=preexec or (die_with_parent if tied else None),
             start_new_session=not tied,
         )
         log.close()
@@ -293,10 +393,17 @@ class LocalCluster:
 
     def _apiserver_args(self, ports: dict[str, int]) -> list[str]:
         pki = self.pki
+        assert self.state is not None
+        network = self.state.node_network
+        address = localnode.NodeNetwork(network).host_ip if network is not None else "127.0.0.1"
+        # Without a node the Service "kubernetes" would point at 127.0.0.1, which Endpoints validation refuses.
+        reconciler = "--endpoint-reconciler-type=lease" if network is not None else "--endpoint-reconciler-type=none"
         return [
             f"--etcd-servers=http://127.0.0.1:{ports['etcd-client']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={address}",
+            f"--advertise-address={address}",
+            reconciler,
+            "--kubelet-preferred-address-types=InternalIP",
             f"--secure-port={ports['apiserver']}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -309,8 +416,6 @@ class LocalCluster:
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            # The Service "kubernetes" would point at 127.0.0.1, which Endpoints validation refuses.
-            "--endpoint-reconciler-type=none",
             "--allow-privileged=false",
             "--profiling=false",
             "--v=1",
@@ -350,6 +455,15 @@ class LocalCluster:
             "--profiling=false",
             "--v=1",
         ]
+
+
+def pause_image() -> str:
+    """The sandbox image that `make tools` builds (hack/versions.env pins its tag)."""
+    versions = (ROOT / "hack/versions.env").read_text().splitlines()
+    tag = next((line.split("=", 1)[1] for line in versions if line.startswith(f"{PAUSE_IMAGE_ENV}=")), "")
+    if not tag:
+        raise ClusterError(f"hack/versions.env has no {PAUSE_IMAGE_ENV}")
+    return f"localhost/waso-pause:{tag}"
 
 
 def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:

@@ -4,7 +4,11 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-packages=(redis-server openssl libmagic1 util-linux)
+# redis-server: the rate-limit tests; openssl: the local cluster's certificates; libmagic1: neonize.
+# The local node: runc, CNI plugins, iptables and conntrack (kube-proxy), iproute2 (the node's veth).
+# The image: buildah (and podman to run it by hand), debootstrap for a base without a registry.
+packages=(redis-server openssl libmagic1 util-linux iproute2 runc containernetworking-plugins iptables conntrack
+          buildah podman debootstrap)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

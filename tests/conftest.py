@@ -1,4 +1,4 @@
-"""Fixtures: one real control plane per test run, a namespace per test, a Redis server.
+"""Fixtures: one real control plane with a real node per test run, a namespace per test, a Redis server.
 
 Nothing here skips. A missing binary or server is a failure that names the command
 that installs it, because a skipped integration test reads as a passing one.
@@ -25,6 +25,13 @@ from tests.support import free_port, kubectl, wait_for, which_or_fail
 class ControlPlane:
     kubeconfig: Path
     api: client.ApiClient
+    cluster: LocalCluster | None
+    """The local cluster and its node; None with WASO_TEST_KUBECONFIG."""
+
+    def local(self) -> LocalCluster:
+        if self.cluster is None:
+            raise AssertionError("this test needs the local node (hack/localnode.py): unset WASO_TEST_KUBECONFIG")
+        return self.cluster
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +50,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         kubeconfig = cluster.kubeconfig
     api = config.new_client_from_config(config_file=str(kubeconfig))
     try:
-        yield ControlPlane(kubeconfig, api)
+        yield ControlPlane(kubeconfig, api, cluster)
     finally:
         api.close()
         if cluster is not None:

@@ -7,6 +7,7 @@ RBAC with signed ServiceAccount tokens, and Redis.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
+import localcluster
+import localnode
 import pytest
 import redis
 from kubernetes import client, watch
@@ -45,8 +48,6 @@ def test_etcd_and_helm_report_pinned_versions() -> None:
 
 
 def test_missing_binary_is_a_failure_naming_the_build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import localcluster
-
     monkeypatch.setattr(localcluster, "BIN", tmp_path / "empty-bin")
     with pytest.raises(ClusterError, match=r"kube-apiserver|etcd") as raised:
         LocalCluster(tmp_path / "cluster").start(tied=True)
@@ -264,29 +265,65 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_a_crashed_caller_leaves_no_control_plane_behind(tmp_path: Path) -> None:
+def _leftovers(directory: Path, network: int) -> list[str]:
+    """What a stopped cluster could leave on the machine: processes, cgroups, the veth, kernel-setting claims."""
+    found = []
+    marker = str(directory).encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes():
+                    found.append(f"process {entry.name}")
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/waso-node-{network}")]
+    link = subprocess.run(["ip", "link", "show", f"waso{network}h"], capture_output=True, check=False)
+    if link.returncode == 0:
+        found.append(f"link waso{network}h")
+    if (localnode.REGISTRY / f"node-{network}").exists():
+        found.append(f"kernel-settings claim of node {network}")
+    return found
+
+
+def _pod_on_the_node(kubeconfig: Path) -> None:
+    """A pod from the pause image: its container and sandbox are processes in the node's cgroups."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "sleeper", "namespace": "default"},
+        "spec": {
+            "containers": [{"name": "pause", "image": localcluster.pause_image(), "imagePullPolicy": "Never"}],
+            "automountServiceAccountToken": False,
+        },
+    }
+    kubectl(kubeconfig, "apply", "-f", "-", stdin=json.dumps(pod))
+    kubectl(kubeconfig, "wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s")
+
+
+def test_a_crashed_caller_leaves_no_cluster_behind(tmp_path: Path) -> None:
+    directory = tmp_path / "tied"
     script = (
         "import json, sys, time\n"
+        "from dataclasses import asdict\n"
         "from pathlib import Path\n"
         "from localcluster import LocalCluster\n"
-        f"state = LocalCluster(Path({str(tmp_path / 'tied')!r})).start(tied=True)\n"
-        "print(json.dumps(state.pids), flush=True)\n"
+        f"state = LocalCluster(Path({str(directory)!r})).start(tied=True)\n"
+        "print(json.dumps(asdict(state)), flush=True)\n"
         "time.sleep(600)\n"
     )
     caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(BIN.parent / "hack")})  # fmt: skip
     assert caller.stdout is not None
-    pids = json.loads(caller.stdout.readline())
-    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"}
+    state = json.loads(caller.stdout.readline())
+    pids, network = state["pids"], state["node_network"]
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node", "node-init"}
     assert all(_alive(pid) for pid in pids.values())
+    _pod_on_the_node(Path(state["kubeconfig"]))
+    assert _leftovers(directory, network)  # the check sees a running cluster
     caller.kill()  # a crash: no cleanup code runs in the caller
     caller.wait()
-    wait_for(lambda: not any(_alive(pid) for pid in pids.values()), timeout=15, what="the control plane to die")
+    wait_for(lambda: not _leftovers(directory, network), timeout=90, what="the cluster and its node to go")
 
 
 def test_up_then_down_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import localcluster
-
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "user-kubeconfig"))
     directory = tmp_path / "detached"
     assert localcluster.main(["up", "--dir", str(directory)]) == 0
@@ -294,6 +331,9 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, monkeypatch: pytest.Monk
     assert all(_alive(pid) for pid in pids.values())
     current = kubectl(tmp_path / "user-kubeconfig", "config", "current-context").stdout.strip()
     assert current == "waso-local"
+    network = json.loads((directory / "state.json").read_text())["node_network"]
+    _pod_on_the_node(directory / "kubeconfig")
     assert localcluster.main(["down", "--dir", str(directory)]) == 0
     assert not any(_alive(pid) for pid in pids.values())
     assert not (directory / "etcd").exists()
+    assert _leftovers(directory, network) == []

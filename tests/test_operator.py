@@ -37,7 +37,9 @@ from waso.api.base import GROUP, VERSION
 def operator_env(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     monkeypatch.setenv("WASO_METRICS_PORT", "0")
+    # The node never has this image: these tests decide, runtimes play no part (kubelet does not pull).
     monkeypatch.setenv("WASO_RUNTIME_IMAGE", "waso:test")
+    monkeypatch.setenv("WASO_IMAGE_PULL_POLICY", "Never")
     monkeypatch.delenv("WASO_CONFIG", raising=False)
     return monkeypatch
 
@@ -289,7 +291,12 @@ def test_exactly_the_cap_is_admitted_from_200_concurrent_creates_across_a_restar
 ) -> None:
     api = control_plane.api
     namespaces = [tenants.namespace(f"t{i}") for i in range(10)]
-    env = {"WASO_MAX_SESSIONS": "35", "WASO_DEFAULT_QUOTA__MAX_SESSIONS": "100", "WASO_RUNTIME_IMAGE": "waso:test"}
+    env = {
+        "WASO_MAX_SESSIONS": "35",
+        "WASO_DEFAULT_QUOTA__MAX_SESSIONS": "100",
+        "WASO_RUNTIME_IMAGE": "waso:test",
+        "WASO_IMAGE_PULL_POLICY": "Never",
+    }
     log = tmp_path / "operator.log"
 
     # Watch every admission as the API server reports it: the count must never exceed the cap.

@@ -35,6 +35,9 @@ def operator(
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     monkeypatch.setenv("WASO_METRICS_PORT", "0")
     monkeypatch.setenv("WASO_TRANSPORT", "simulator")
+    # These tests run the shards' runtimes as processes; the node must not start a second one from the image.
+    monkeypatch.setenv("WASO_RUNTIME_IMAGE", "waso:not-on-the-node")
+    monkeypatch.setenv("WASO_IMAGE_PULL_POLICY", "Never")
     monkeypatch.setenv("WASO_SIMULATOR_URL", simulator.url)
     tenants.namespace("acme")  # before the operator starts: see the note in tests/operator_support.py
     with KopfRunner(

@@ -1,0 +1,270 @@
+"""waso as it ships, on the real node: the image built by `make image`, installed by Helm.
+
+The operator and the simulator run as Pods of the chart (in-cluster config through the
+Service IP that kube-proxy routes), the session pods are the operator's StatefulSets,
+and kubelet, containerd and runc do to them what a cluster does: PodSecurity
+`restricted`, probes, memory limits, SIGTERM and grace periods, volumes. The tests reach
+pods by their IPs (the machine routes the node's pod network) and through kubectl.
+
+One release serves the whole module; its operator watches only this module's tenant
+namespaces, so the other tests' operators never meet it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.conftest import ControlPlane
+from tests.operator_support import Tenants, condition, create_quota, get, list_sessions
+from tests.runtime_support import http_json
+from tests.support import BIN, kubectl, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_ARCHIVE = BIN / "waso-image.tar"
+SAMPLES = ROOT / "docs/samples"
+SIMULATOR_PORT = 8090
+
+
+@dataclass
+class Release:
+    control_plane: ControlPlane
+    namespace: str
+    tenants: Tenants
+
+    def helm(self, *args: str, timeout: float = 300) -> str:
+        result = subprocess.run(
+            [str(BIN / "helm"), f"--kubeconfig={self.control_plane.kubeconfig}", "-n", self.namespace, *args],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        assert result.returncode == 0, f"helm {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def values(self, *extra: str) -> list[str]:
+        return [
+            "--set", f"namespaces={{{self.tenants.pattern}}}",
+            "--set", "simulator.enabled=true",
+            "--set", "simulator.autoPair=true",
+            "--set", "simulator.autoPairSeconds=1",
+            "--set", "simulator.firstDevice=11",
+            "--set", "image.pullPolicy=Never",
+            *extra,
+        ]  # fmt: skip
+
+    def pod(self, component: str) -> client.V1Pod:
+        pods = client.CoreV1Api(self.control_plane.api).list_namespaced_pod(
+            self.namespace, label_selector=f"app.kubernetes.io/component={component}"
+        )
+        running = [p for p in pods.items if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+        assert len(running) == 1, [(p.metadata.name, p.status.phase) for p in pods.items]
+        return running[0]
+
+    def simulator(self, path: str) -> dict[str, Any]:
+        reply = http_json("GET", f"http://{self.pod('simulator').status.pod_ip}:{SIMULATOR_PORT}{path}")
+        assert reply.status == 200, reply.body
+        body: dict[str, Any] = reply.body
+        return body
+
+
+@pytest.fixture(scope="module")
+def release(control_plane: ControlPlane, crds: None) -> Iterator[Release]:
+    """The image loaded into the node and the chart installed by Helm, with the simulator in auto-pair mode."""
+    control_plane.local().load_image(IMAGE_ARCHIVE)
+    tenants = Tenants(control_plane.api, prefix="e2e" + uuid.uuid4().hex[:6])
+    found = Release(control_plane, tenants.namespace("waso-system"), tenants)
+    found.helm("install", "waso", str(ROOT / "charts/waso"), *found.values(), "--wait", "--timeout", "4m")
+    try:
+        yield found
+    finally:
+        tenants.cleanup()
+        subprocess.run(
+            [str(BIN / "helm"), f"--kubeconfig={control_plane.kubeconfig}", "-n", found.namespace, "uninstall", "waso"],
+            capture_output=True, check=False,
+        )  # fmt: skip
+
+
+def apply_samples(release: Release) -> dict[str, str]:
+    """docs/samples as they are, each tenant in a namespace of this module (PodSecurity restricted)."""
+    placed: dict[str, str] = {}
+    documents = []
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] == "Namespace":
+                assert doc["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+                continue
+            tenant = doc["metadata"]["namespace"]
+            placed[tenant] = release.tenants.namespace(tenant)
+            doc["metadata"]["namespace"] = placed[tenant]
+            documents.append(doc)
+    kubectl(release.control_plane.kubeconfig, "apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(documents))
+    return placed
+
+
+def wait_ready(release: Release, namespace: str, timeout: float = 180) -> list[dict[str, Any]]:
+    api = release.control_plane.api
+
+    def all_ready() -> list[dict[str, Any]] | None:
+        sessions = list_sessions(api, namespace)
+        ready = [s for s in sessions if (c := condition(s, "Ready")) and c["status"] == "True"]
+        return sessions if sessions and len(ready) == len(sessions) else None
+
+    return wait_for(all_ready, timeout=timeout, what=f"every session of {namespace} Ready", interval=0.5)
+
+
+def runtime(session: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = session.get("status", {}).get("runtime", {})
+    return found
+
+
+def test_samples_installed_by_helm_become_ready_under_pod_security_restricted(release: Release) -> None:
+    placed = apply_samples(release)
+    core = client.CoreV1Api(release.control_plane.api)
+    for tenant, namespace in placed.items():
+        sessions = wait_ready(release, namespace)
+        assert {runtime(s)["state"] for s in sessions} == {"Connected"}, tenant
+        labels = core.read_namespace(namespace).metadata.labels
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        pods = core.list_namespaced_pod(namespace).items
+        assert pods
+        assert all(p.spec.security_context.run_as_user == 65532 for p in pods)
+    # The endpoint in status is a *.svc name that pods resolve through the cluster DNS.
+    acme = placed["acme"]
+    session = list_sessions(release.control_plane.api, acme)[0]
+    host = session["status"]["endpoint"].split("//")[1].split(":")[0]
+    assert host.endswith(f".waso-sessions.{acme}.svc")
+    resolved = kubectl(
+        release.control_plane.kubeconfig, "exec", "-n", acme, "waso-sessions-0", "--",
+        "/opt/waso/bin/python", "-c", f"import socket; print(socket.gethostbyname({host!r}))",
+    )  # fmt: skip
+    pod_ip = core.read_namespaced_pod(host.split(".")[0], acme).status.pod_ip
+    assert resolved.stdout.strip() == pod_ip
+    assert "waso operator started" in _operator_logs(release)
+
+
+def test_a_deleted_session_pod_stops_cleanly_and_its_successor_reconnects_without_a_new_qr(release: Release) -> None:
+    api = release.control_plane.api
+    namespace = release.tenants.namespace("restart")
+    body = {"phoneNumber": "+4915112349901"}
+    create = {"apiVersion": "waso.dev/v1alpha1", "kind": "WhatsAppSession", "metadata": {"name": "s1"}, "spec": body}
+    kubectl(release.control_plane.kubeconfig, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(create))
+    wait_ready(release, namespace)
+    connected = runtime(get(api, namespace, "s1"))
+    before = release.simulator("/v1/stats")["counters"]
+    coordination = client.CoordinationV1Api(api)
+    holder = coordination.read_namespaced_lease("waso-session-s1", namespace).spec.holder_identity
+    assert holder
+    pod = client.CoreV1Api(api).read_namespaced_pod("waso-sessions-0", namespace)
+    grace = pod.spec.termination_grace_period_seconds or 30
+
+    started = time.monotonic()
+    kubectl(release.control_plane.kubeconfig, "delete", "pod", "-n", namespace, "waso-sessions-0", "--wait=true")
+    stopped_after = time.monotonic() - started
+    assert stopped_after < grace, f"the runtime took {stopped_after:.1f}s to stop: SIGTERM was not handled in time"
+    # The StatefulSet creates the successor only now, so what is stored is the old pod's last word.
+    assert not coordination.read_namespaced_lease("waso-session-s1", namespace).spec.holder_identity
+    assert runtime(get(api, namespace, "s1"))["state"] == "Stopped"
+
+    def reconnected() -> dict[str, Any] | None:
+        now = runtime(get(api, namespace, "s1"))
+        return now if now.get("state") == "Connected" and now.get("connectedAt") != connected["connectedAt"] else None
+
+    again = wait_for(reconnected, timeout=120, what="s1 Connected from the new pod", interval=0.5)
+    assert again["jid"] == connected["jid"]
+    after = release.simulator("/v1/stats")["counters"]
+    assert after["links"] == before["links"]  # no new device linked
+    assert after["qr_codes"] == before["qr_codes"]  # and no QR code offered
+    assert after["logins"] > before["logins"]
+    taken = coordination.read_namespaced_lease("waso-session-s1", namespace).spec.holder_identity
+    assert taken
+    assert taken != holder
+    assert wait_ready(release, namespace)
+
+
+def test_an_out_of_memory_session_pod_is_explained_and_recovers_when_the_limit_is_raised(release: Release) -> None:
+    api = release.control_plane.api
+    namespace = release.tenants.namespace("oom")
+    tiny = {"requests": {"cpu": "50m", "memory": "16Mi"}, "limits": {"memory": "16Mi"}}
+    create_quota(api, namespace, maxSessions=2, sessionsPerPod=2, podResources=tiny)
+    create = {
+        "apiVersion": "waso.dev/v1alpha1",
+        "kind": "WhatsAppSession",
+        "metadata": {"name": "s1"},
+        "spec": {"phoneNumber": "+4915112349902"},
+    }
+    kubectl(release.control_plane.kubeconfig, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(create))
+
+    def explained() -> dict[str, Any] | None:
+        found = condition(get(api, namespace, "s1"), "Connected")
+        return found if found and found["reason"] == "OutOfMemory" else None
+
+    said = wait_for(explained, timeout=180, what="Connected=False reason OutOfMemory", interval=0.5)
+    assert said["status"] == "False"
+    assert "16Mi" in said["message"]
+    assert "memory" in said["message"]
+    stalled = condition(get(api, namespace, "s1"), "Ready")
+    assert stalled is not None
+    assert stalled["status"] == "False"
+    assert "memory" in stalled["message"]
+
+    roomy = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        "waso.dev", "v1alpha1", namespace, "tenantquotas", "default", {"spec": {"podResources": roomy}}
+    )
+    wait_ready(release, namespace, timeout=240)
+
+
+def test_helm_upgrade_keeps_sessions_connected_and_uninstall_keeps_crds_and_sessions(release: Release) -> None:
+    api = release.control_plane.api
+    namespace = release.tenants.namespace("upgrade")
+    create = {
+        "apiVersion": "waso.dev/v1alpha1",
+        "kind": "WhatsAppSession",
+        "metadata": {"name": "s1"},
+        "spec": {"phoneNumber": "+4915112349903"},
+    }
+    kubectl(release.control_plane.kubeconfig, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(create))
+    wait_ready(release, namespace)
+    session = get(api, namespace, "s1")
+    connected, connected_uid = runtime(session), session["metadata"]["uid"]
+    core = client.CoreV1Api(api)
+    session_pod = core.read_namespaced_pod("waso-sessions-0", namespace).metadata.uid
+    operator_pod = release.pod("operator").metadata.uid
+    logins = release.simulator("/v1/stats")["counters"]["logins"]
+
+    release.helm("upgrade", "waso", str(ROOT / "charts/waso"), *release.values("--set", "config.resyncSeconds=20"),
+                 "--wait", "--timeout", "4m")  # fmt: skip
+    wait_for(
+        lambda: release.pod("operator").metadata.uid != operator_pod,
+        timeout=120, what="the operator pod replaced by the upgrade", interval=0.5,
+    )  # fmt: skip
+    config_map = core.read_namespaced_config_map("waso-operator", release.namespace)
+    assert "resyncSeconds: 20" in config_map.data["config.yaml"]
+    wait_for(lambda: "waso operator started" in _operator_logs(release), timeout=120, what="the new operator started")
+    assert core.read_namespaced_pod("waso-sessions-0", namespace).metadata.uid == session_pod
+    assert runtime(get(api, namespace, "s1"))["connectedAt"] == connected["connectedAt"]
+    assert release.simulator("/v1/stats")["counters"]["logins"] == logins
+    assert wait_ready(release, namespace)
+
+    release.helm("uninstall", "waso", "--wait", "--timeout", "2m")
+    kubectl(release.control_plane.kubeconfig, "get", "crd", "whatsappsessions.waso.dev", "tenantquotas.waso.dev")
+    # The users' sessions and their pods outlive the operator: nothing of theirs is owned by the release.
+    kept = get(api, namespace, "s1")
+    assert kept["metadata"]["uid"] == connected_uid
+    assert runtime(kept)["connectedAt"] == connected["connectedAt"]
+    assert core.read_namespaced_pod("waso-sessions-0", namespace).metadata.uid == session_pod
+
+
+def _operator_logs(release: Release) -> str:
+    pod = str(release.pod("operator").metadata.name)
+    result = kubectl(release.control_plane.kubeconfig, "logs", "-n", release.namespace, pod, check=False)
+    return result.stdout + result.stderr
