@@ -267,15 +267,15 @@ class LocalCluster:
             if not state.get("pids") and recorded.exists():
                 state = json.loads(recorded.read_text())
         pids: dict[str, int] = state.get("pids", {})
-        # The node first: its first process stops kubelet and containerd, kills every pod and removes its cgroups.
-        for name in ("node-init", "node"):
-            if name in pids:
-                _terminate(pids[name], grace=60)
+        # The control plane first: the API server listens on the node's veth, which goes with the node.
+        # Then the node's first process stops kubelet and containerd, kills every pod and removes its cgroups.
+        # The API server stops listening at once but may then linger on connections that never drain; etcd's
+        # data is thrown away with the cluster, so a short grace loses nothing.
+        _terminate_all([pids[name] for name in COMPONENTS if name in pids and name != "etcd"], grace=3)
+        _terminate_all([pids[name] for name in ("etcd",) if name in pids])  # the API server needs it to the end
+        _terminate_all([pids[name] for name in ("node-init", "node") if name in pids], grace=60)
         if state.get("node_network") is not None:
             localnode.host_teardown(localnode.NodeNetwork(state["node_network"]))
-        for name in reversed(COMPONENTS):
-            if name in pids:
-                _terminate(pids[name])
         for proc in self.processes.values():
             with contextlib.suppress(ChildProcessError):
                 proc.wait(timeout=0)
@@ -491,20 +491,30 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    return True
+    try:  # a zombie that another process has yet to reap has exited all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.05)
-    if _alive(pid):
+    _terminate_all([pid], grace)
+
+
+def _terminate_all(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM to all at once, SIGKILL to those still alive after ``grace``."""
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
-            time.sleep(0.05)
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.05)
 
 
 def _processes_using(directory: Path) -> Iterator[int]:

@@ -268,14 +268,22 @@ def init(plan_file: Path) -> int:
         (node_dir / "failed").write_text(f"{error}\n")
         status = 1
     finally:
+        stopping = time.monotonic()
         for child in reversed(children.values()):
             with contextlib.suppress(ProcessLookupError):
                 child.terminate()
         _wait_children(list(children.values()), 10)
+        _say(f"node components stopped in {time.monotonic() - stopping:.1f}s")
         _kill_everything()
+        _say(f"every process of the node gone after {time.monotonic() - stopping:.1f}s")
         remove_cgroups(plan.net.cgroup_root)
         release_kernel_settings(plan.network)
+        _say(f"cgroups removed and kernel settings released after {time.monotonic() - stopping:.1f}s")
     return status
+
+
+def _say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} node: {message}", file=sys.stderr, flush=True)
 
 
 def import_image(ctr: Path, socket: Path, archive: Path) -> None:
