@@ -198,15 +198,14 @@ class LocalCluster:
     def node_dir(self) -> Path:
         return self.directory / "node"
 
-    @property
-    def containerd_socket(self) -> Path:
-        return self.node_dir / "run/containerd/containerd.sock"
-
     def load_image(self, archive: Path) -> None:
         """Import an OCI archive into the node's containerd (as `kind load image-archive` does)."""
         if not archive.exists():
             raise ClusterError(f"{archive} is missing: run `make image`")
-        localnode.import_image(binary("ctr"), self.containerd_socket, archive)
+        init = self.state.pids.get("node-init") if self.state else None
+        if init is None:
+            raise ClusterError("the cluster has no node to load the image into")
+        localnode.import_image(binary("ctr"), archive.resolve(), init)
 
     def start(self, *, tied: bool, timeout: float = 120.0) -> ClusterState:
         if self.state_file.exists():

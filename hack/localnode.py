@@ -49,6 +49,16 @@ PROVISIONER = "waso.dev/local-node"
 KERNEL_SETTINGS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 REGISTRY = Path("/tmp/waso-local-nodes")  # shared by every node on this machine: kernel settings to restore
 CGROUP_FS = Path("/sys/fs/cgroup")
+# Inside the node's mount namespace, per-node directories cover the paths kubelet and containerd use, so both
+# run with their usual paths: short ones, which matters for unix sockets (108 bytes at most).
+NODE_MOUNTS = (
+    ("/run", "run"),
+    ("/var/log", "log"),
+    ("/var/lib/cni", "cni/state"),
+    ("/var/lib/kubelet", "kubelet"),
+    ("/var/lib/containerd", "containerd"),
+)
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 
 
 class NodeError(RuntimeError):
@@ -247,10 +257,10 @@ def init(plan_file: Path) -> int:
         children["containerd"] = _spawn(
             node_dir, "containerd", [binaries / "containerd", "--config", configs["containerd"]], env
         )
-        socket = node_dir / "run/containerd/containerd.sock"
+        socket = Path(CONTAINERD_SOCKET)
         _wait(socket.exists, stop, "containerd's socket", children)
         for archive in plan.images:
-            import_image(binaries / "ctr", socket, Path(archive))
+            import_image(binaries / "ctr", Path(archive))
         children["kubelet"] = _spawn(node_dir, "kubelet", [*_kubelet_args(plan, configs)], env)
         children["kube-proxy"] = _spawn(
             node_dir, "kube-proxy", [binaries / "kube-proxy", f"--config={configs['kube-proxy']}"], env
@@ -265,7 +275,8 @@ def init(plan_file: Path) -> int:
                 if child.poll() is not None:
                     raise NodeError(f"{name} exited with {child.returncode}; see its log")
     except BaseException as error:  # PID 1 always cleans up
-        (node_dir / "failed").write_text(f"{error}\n")
+        (node_dir / "failed").write_text(f"{error!r}\n")
+        _say(f"failed: {error!r}")
         status = 1
     finally:
         stopping = time.monotonic()
@@ -286,9 +297,14 @@ def _say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} node: {message}", file=sys.stderr, flush=True)
 
 
-def import_image(ctr: Path, socket: Path, archive: Path) -> None:
-    """Load an OCI archive into the node's containerd, where kubelet looks for images (namespace k8s.io)."""
-    _run(str(ctr), f"--address={socket}", "-n", "k8s.io", "images", "import", "--no-unpack=false", str(archive))
+def import_image(ctr: Path, archive: Path, init_pid: int | None = None) -> None:
+    """Load an OCI archive into the node's containerd, where kubelet looks for images (namespace k8s.io).
+
+    From the machine, ``init_pid`` names the node's first process: ctr runs in its mount namespace,
+    where containerd's socket is.
+    """
+    enter = ["nsenter", f"--target={init_pid}", "--mount", "--"] if init_pid is not None else []
+    _run(*enter, str(ctr), f"--address={CONTAINERD_SOCKET}", "-n", "k8s.io", "images", "import", str(archive))
 
 
 def _wait_for_link(stop: threading.Event) -> None:
@@ -302,7 +318,7 @@ def _wait_for_link(stop: threading.Event) -> None:
 
 
 def _mount_private_dirs(node_dir: Path) -> None:
-    for target, name in (("/run", "run"), ("/var/log", "log"), ("/var/lib/cni", "cni/state")):
+    for target, name in NODE_MOUNTS:
         source = node_dir / name
         source.mkdir(parents=True, exist_ok=True)
         Path(target).mkdir(parents=True, exist_ok=True)
@@ -324,14 +340,14 @@ def _write_configs(plan: NodePlan) -> dict[str, str]:
     write(
         "containerd.toml",
         f"""version = 4
-root = "{node_dir}/containerd/root"
-state = "{node_dir}/run/containerd/state"
+root = "/var/lib/containerd"
+state = "/run/containerd"
 
 [plugins.'io.containerd.server.v1.grpc']
-  address = "{node_dir}/run/containerd/containerd.sock"
+  address = "{CONTAINERD_SOCKET}"
 
 [plugins.'io.containerd.server.v1.ttrpc']
-  address = "{node_dir}/run/containerd/containerd.sock.ttrpc"
+  address = "{CONTAINERD_SOCKET}.ttrpc"
 
 [plugins.'io.containerd.cri.v1.images'.pinned_images]
   sandbox = "{plan.pause_image}"
@@ -353,7 +369,7 @@ state = "{node_dir}/run/containerd/state"
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
   BinaryName = "{runc}"
   SystemdCgroup = false
-  Root = "{node_dir}/run/runc"
+  Root = "/run/runc"
 
 [plugins.'io.containerd.nri.v1.nri']
   disable = true
@@ -400,7 +416,7 @@ state = "{node_dir}/run/containerd/state"
         "clusterDNS": [dns_service_ip()],
         "clusterDomain": CLUSTER_DOMAIN,
         "resolvConf": files["resolv"],
-        "containerRuntimeEndpoint": f"unix://{node_dir}/run/containerd/containerd.sock",
+        "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
         "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
         "imageGCHighThresholdPercent": 99,
         "imageGCLowThresholdPercent": 98,
@@ -445,13 +461,10 @@ state = "{node_dir}/run/containerd/state"
 
 
 def _kubelet_args(plan: NodePlan, configs: dict[str, str]) -> list[str]:
-    node_dir = Path(plan.directory)
     return [
         f"{plan.bin}/kubelet",
         f"--config={configs['kubelet']}",
         f"--kubeconfig={plan.kubeconfig}",
-        f"--root-dir={node_dir}/kubelet",
-        f"--cert-dir={node_dir}/kubelet/pki",
         f"--node-ip={plan.net.node_ip}",
         f"--hostname-override={NODE_NAME}",
         "--v=1",
