@@ -73,15 +73,10 @@ def binary(name: str) -> Path:
     return path
 
 
-def die_with_parent(signum: int = signal.SIGKILL) -> None:
+def die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signum)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setpgid(0, 0)
-
-
-def _stop_with_parent() -> None:
-    """The node gets SIGTERM, not SIGKILL, when its caller dies: its first process cleans up (cgroups, kernel)."""
-    die_with_parent(signal.SIGTERM)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -308,7 +303,9 @@ class LocalCluster:
         init = [sys.executable, str(Path(localnode.__file__).resolve()), "init", str(plan_file)]
         namespaces = ["--net", "--mount", "--pid", "--fork", "--mount-proc", "--propagation=private"]
         unshare = ["unshare", *namespaces, "--kill-child=SIGTERM", "--", *init]
-        self._spawn("node", unshare, tied, preexec=_stop_with_parent if tied else None)
+        # Tied, unshare dies with its caller (it blocks SIGTERM while it waits), and --kill-child hands the node's
+        # first process a SIGTERM, on which it cleans up (cgroups, kernel settings) before the namespace ends.
+        self._spawn("node", unshare, tied)
         pid = self.state.pids["node"]
         localnode.wait_for_namespace(pid)
         localnode.host_setup(pid, network)
@@ -339,7 +336,7 @@ class LocalCluster:
     def _node_diagnosis(self) -> str:
         return "\n".join(self._log_tail(name)() for name in ("node", "containerd", "kubelet"))
 
-    def _spawn(self, name: str, args: list[str], tied: bool, preexec: Callable[[], None] | None = None) -> None:
+    def _spawn(self, name: str, args: list[str], tied: bool) -> None:
         assert self.state is not None
         log = (self.logs / f"{name}.log").open("ab")
         command = args if name == "node" else [str(binary(name)), *args]
@@ -349,7 +346,7 @@ class LocalCluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.directory,
-            preexec_fn=preexec or (die_with_parent if tied else None),
+            preexec_fn=die_with_parent if tied else None,
             start_new_session=not tied,
         )
         log.close()

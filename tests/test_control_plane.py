@@ -283,6 +283,13 @@ def _leftovers(directory: Path, network: int) -> list[str]:
     return found
 
 
+def _wait_until_gone(directory: Path, network: int) -> None:
+    try:
+        wait_for(lambda: not _leftovers(directory, network), timeout=90, what="the cluster and its node to go")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; still there: {_leftovers(directory, network)}") from None
+
+
 def _pod_on_the_node(kubeconfig: Path) -> None:
     """A pod from the pause image: its container and sandbox are processes in the node's cgroups."""
     pod = {
@@ -320,7 +327,7 @@ def test_a_crashed_caller_leaves_no_cluster_behind(tmp_path: Path) -> None:
     assert _leftovers(directory, network)  # the check sees a running cluster
     caller.kill()  # a crash: no cleanup code runs in the caller
     caller.wait()
-    wait_for(lambda: not _leftovers(directory, network), timeout=90, what="the cluster and its node to go")
+    _wait_until_gone(directory, network)
 
 
 def test_up_then_down_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
