@@ -107,10 +107,16 @@ def test_global_cap_refuses_the_36th_and_admits_it_when_a_slot_frees(
         assert "35 of at most 35 sessions" in message
         assert late["status"]["phase"] == "Waiting"
         assert condition(late, "Reconciling")["status"] == "True"
-        events = client.CoreV1Api(api).list_namespaced_event(
-            namespaces[0], field_selector="involvedObject.name=late,reason=CapacityExceeded"
+        # The Event is written after the status: wait for it rather than reading once.
+        wait_for(
+            lambda: (
+                client.CoreV1Api(api)
+                .list_namespaced_event(namespaces[0], field_selector="involvedObject.name=late,reason=CapacityExceeded")
+                .items
+            ),
+            timeout=30,
+            what="a CapacityExceeded event for the refused session",
         )
-        assert events.items, "no CapacityExceeded event"
 
         for i in range(35):  # the admitted ones were not touched by the refusal
             now = get(api, namespaces[i % 5], f"s{i}")
