@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import localnode
 from localcluster import BIN, LocalCluster, register_context, unregister_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
         state = cluster.start(tied=True)
+        network = localnode.NodeNetwork(state.node_network or 0)
+        print(f"API server {state.server}; node {localnode.NODE_NAME} at {network.node_ip}, pods {network.pod_cidr}")
         if not args.exit:
             register_context(cluster, state.server)
         return run(cluster, args, started, stop)
@@ -83,6 +86,9 @@ def run(cluster: LocalCluster, args: argparse.Namespace, started: float, stop: d
             return 1
         time.sleep(1)
 
+    ready_pods = [*kubectl, "wait", "--for=condition=Ready", "pods", "-A", "-l", "app.kubernetes.io/name=waso-sessions"]
+    subprocess.run([*ready_pods, f"--timeout={max(1, deadline - time.monotonic()):.0f}s"], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
     subprocess.run([*kubectl, "get", "tq,was,pods", "-A"], check=True)
     print(f"\nevery session is Ready ({time.monotonic() - started:.0f} s after start): paired through the simulator,")
     print("running in its tenant's session pod on a real kubelet node.\n")

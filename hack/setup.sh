@@ -6,9 +6,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # redis-server: the rate-limit tests; openssl: the local cluster's certificates; libmagic1: neonize.
 # The local node: runc, CNI plugins, iptables and conntrack (kube-proxy), iproute2 (the node's veth).
-# The image: buildah (and podman to run it by hand), debootstrap for a base without a registry.
+# The image: buildah (and podman to run it by hand), debootstrap for a base without a registry, python3-venv
+# for the wheelhouse (built with Debian's Python, the image's).
 packages=(redis-server openssl libmagic1 util-linux iproute2 runc containernetworking-plugins iptables conntrack
-          buildah podman debootstrap)
+          buildah podman debootstrap python3-venv)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -1,9 +1,10 @@
-"""`make demo` end to end: operator-created StatefulSets run as pods on the local node agent,
-with their own ServiceAccount tokens, and every sample session pairs through the simulator."""
+"""`make demo` end to end: waso installed by Helm on the local node, operator-created StatefulSets
+run as pods, every sample session pairs through the in-cluster simulator, and nothing is left."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,26 @@ def test_demo_pairs_every_sample_session_in_its_tenants_pod(tmp_path: Path) -> N
     connected = [row for row in sessions if row[3] == "Connected"]
     assert len(connected) == 4
     assert {row[4] for row in connected} == {"11"}  # device numbers above 10 are normal
-    pods = [row for row in rows if len(row) > 2 and row[1].startswith("waso-sessions-")]
-    assert {(row[0], row[2], row[3]) for row in pods} == {("acme", "1/1", "Running"), ("globex", "1/1", "Running")}
+    pods = {
+        (row[0], row[1].split("-")[0], row[2], row[3]) for row in rows if len(row) > 3 and row[1].startswith("pod/")
+    }
+    assert pods == {
+        ("acme", "pod/waso", "1/1", "Running"),  # the session pod of each tenant
+        ("globex", "pod/waso", "1/1", "Running"),
+        ("waso-system", "pod/waso", "1/1", "Running"),  # the operator and the simulator
+    }
+    assert sum(1 for row in rows if row[:1] == ["waso-system"] and row[1].startswith("pod/")) == 2
     assert "demo stopped" in result.stdout
+    # Stopped, the demo leaves no process of its cluster and no cgroup of its node.
+    marker = str(tmp_path / "demo").encode()
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).find(marker) >= 0]
+    pods_network = re.search(r"pods 10\.251\.(\d+)\.0/24", result.stdout)
+    assert pods_network is not None
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/waso-node-{pods_network[1]}"))
+
+
+def _cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:
+        return b""
