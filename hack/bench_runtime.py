@@ -6,7 +6,12 @@ On a fresh local control plane with the operator and the simulator, in one run:
 2. the RSS of one process holding 1 and then 50 real neonize clients, each on its own store
    (created, not connected: WhatsApp is out of reach);
 3. messages per second through the runtime's send API to the simulator, against the floor:
-   the same messages sent straight to the simulator over its WebSocket by a bare client.
+   the same messages sent straight to the simulator over its WebSocket by a bare client;
+4. on the cluster's real node, waso as it ships (the image of `make image`, the chart installed
+   by Helm with the simulator in auto-pair mode): the session pod's memory with 0, 10 and 50
+   connected sessions as its cgroup sees it (working set and RSS from kubelet's Summary API, what
+   metrics-server and `kubectl top` use) next to the process RSS the runtime reports on /metrics,
+   and the image's size as an archive and in the node's containerd.
 """
 
 from __future__ import annotations
@@ -15,22 +20,40 @@ import asyncio
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
 from kubernetes import client, config
-from localcluster import LocalCluster, die_with_parent, free_port, http_ok, wait_until
+from kubernetes.client.exceptions import ApiException
+from localcluster import BIN, ClusterError, LocalCluster, die_with_parent, free_port, http_ok, wait_until
+from localnode import CONTAINERD_SOCKET, NODE_NAME
 
 from waso.api.base import GROUP, VERSION
+from waso.operator.resources import NAME as STATEFULSET
+from waso.operator.status import RUNTIME_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "bench"
+IMAGE_ARCHIVE = BIN / "waso-image.tar"
+IMAGE_REF = "docker.io/library/waso:dev"  # what containerd names the archive's image (hack/build-image.sh)
+RELEASE_NAMESPACE = "waso-system"
+TENANT = "bench-node"  # the chart's operator watches bench-* only: the host operator's "bench" is not its own
+SESSION_POD = f"{STATEFULSET}-0"
+IDLE_POD = "waso-bench-idle"
+IDLE_SHARD = 999  # a shard that no session is placed on: its runtime serves none
+MIB = 1024 * 1024
+SETTLED_SAMPLES, SETTLED_MIB, MAX_SAMPLES = 3, 1.0, 8
 
 
 def rss_mib(pid: int) -> float:
@@ -52,15 +75,29 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     wait_until(predicate, timeout, what, lambda: "see the logs in the bench directory")
 
 
+class BenchError(RuntimeError):
+    """The benchmark could not measure what it set out to."""
+
+
 def main() -> int:
+    if not IMAGE_ARCHIVE.exists():  # checked before minutes of other measurements
+        print(f"error: {IMAGE_ARCHIVE} is missing: run `make image`", file=sys.stderr)
+        return 1
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="waso-bench-runtime-") as tmp_name:
         tmp = Path(tmp_name)
         cluster = LocalCluster(tmp / "cluster")
-        cluster.start(tied=True)
         try:
-            return run(cluster.kubeconfig, tmp)
+            cluster.start(tied=True)
+            run(cluster.kubeconfig, tmp)
+            run_on_node(cluster)
+        except (ClusterError, BenchError, ApiException) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         finally:
             cluster.stop()
+    print(f"bench-runtime took {time.monotonic() - started:.0f} s")
+    return 0
 
 
 def run(kubeconfig: Path, tmp: Path) -> int:
@@ -129,12 +166,12 @@ def run(kubeconfig: Path, tmp: Path) -> int:
     return 0
 
 
-def at_least_connected(custom: client.CustomObjectsApi, wanted: int) -> bool:
-    return connected(custom) >= wanted
+def at_least_connected(custom: client.CustomObjectsApi, wanted: int, namespace: str = NAMESPACE) -> bool:
+    return connected(custom, namespace) >= wanted
 
 
-def connected(custom: client.CustomObjectsApi) -> int:
-    items = cast(dict[str, Any], custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "whatsappsessions"))
+def connected(custom: client.CustomObjectsApi, namespace: str = NAMESPACE) -> int:
+    items = cast(dict[str, Any], custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "whatsappsessions"))
     return sum(1 for o in items["items"] if o.get("status", {}).get("runtime", {}).get("state") == "Connected")
 
 
@@ -216,6 +253,274 @@ def neonize_memory(root: Path) -> dict[str, float]:
     result = subprocess.run([sys.executable, "-c", NEONIZE_SCRIPT, str(root)], capture_output=True, text=True,
                             check=True, timeout=300)  # fmt: skip
     return cast(dict[str, float], json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+# --- 4. the session pod on the real node --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One pod's memory in MiB: its cgroup as kubelet reports it, and the process's own RSS."""
+
+    working_set: float
+    cgroup_rss: float
+    process_rss: float
+    sessions: int  # on the runtime, by its /metrics
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    archive: float
+    content: float  # containerd's content store: the compressed layers
+    unpacked: float  # the snapshots containers start from
+
+
+def run_on_node(cluster: LocalCluster) -> None:
+    kubeconfig = cluster.kubeconfig
+    api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+
+    def diagnose() -> str:
+        return node_diagnosis(kubeconfig)
+
+    # The host operator's StatefulSet in NAMESPACE would start a second runtime from the image once it is loaded.
+    kubectl(kubeconfig, "delete", "statefulsets", "--all", "-n", NAMESPACE)
+    wait_until(lambda: not core.list_namespaced_pod(NAMESPACE).items, 90, f"the pods of {NAMESPACE} gone", diagnose)
+    cluster.load_image(IMAGE_ARCHIVE)
+    image = image_size(cluster)
+    helm_install(kubeconfig)
+    restricted = {"pod-security.kubernetes.io/enforce": "restricted"}
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=TENANT, labels=restricted)))
+    custom.create_namespaced_custom_object(GROUP, VERSION, TENANT, "tenantquotas", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantQuota", "metadata": {"name": "default"},
+        "spec": {"maxSessions": 60, "sessionsPerPod": 60, "maxPairingStreams": 10, "podResources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"},
+        }},
+    })  # fmt: skip
+
+    memory: dict[int, tuple[Reading, bool]] = {}
+    created = 0
+    for target in (10, 50):
+        while created < target:
+            custom.create_namespaced_custom_object(GROUP, VERSION, TENANT, "whatsappsessions", {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "WhatsAppSession", "metadata": {"name": f"s{created}"},
+                "spec": {"phoneNumber": f"+49151000000{created:02d}"},
+            })  # fmt: skip
+            created += 1
+        wait_until(functools.partial(at_least_connected, custom, target, TENANT), 60 + 6 * target,
+                   f"{target} connected sessions in {TENANT}", diagnose)  # fmt: skip
+        pods = {SESSION_POD: target}
+        if target == 10:
+            # A tenant without sessions has no session pod: 0 is the runtime of the same pod template on a shard
+            # without sessions, measured beside the real one.
+            kubectl(kubeconfig, "create", "-n", TENANT, "-f", "-", stdin=json.dumps(idle_pod(client.AppsV1Api(api))))
+            wait_until(lambda: pod_ready(core, IDLE_POD), 120, f"pod {IDLE_POD} Ready", diagnose)
+            pods[IDLE_POD] = 0
+        sampler = MemorySampler(core, {name: pod_ip(core, name) for name in pods})
+        wait_until(sampler.done, 30 + 20 * MAX_SAMPLES, f"settled memory readings of {', '.join(pods)}", diagnose)
+        for name, sessions in pods.items():
+            reading, settled = sampler.result(name)
+            if reading.sessions != sessions:
+                raise BenchError(f"{name} reports {reading.sessions} sessions on /metrics, expected {sessions}")
+            memory[sessions] = (reading, settled)
+        if target == 10:
+            core.delete_namespaced_pod(IDLE_POD, TENANT, grace_period_seconds=0)
+            wait_until(lambda: not pod_exists(core, IDLE_POD), 60, f"pod {IDLE_POD} gone", diagnose)
+
+    print("session pod on the real node (kubelet Summary API; process RSS from the runtime's /metrics):")
+    print("sessions | working set MiB | cgroup RSS MiB | process RSS MiB")
+    for sessions, (reading, settled) in sorted(memory.items()):
+        note = "" if settled else f"  (still moving after {MAX_SAMPLES} kubelet samples: the last one)"
+        print(f"{sessions:>8} | {reading.working_set:>15.1f} | {reading.cgroup_rss:>14.1f} | "
+              f"{reading.process_rss:>15.1f}{note}")  # fmt: skip
+    print("  (0: a pod of the session StatefulSet's template on a shard without sessions, beside the 10)")
+    low, high = memory[10][0], memory[50][0]
+    print(f"marginal MiB per session (10 -> 50): working set {(high.working_set - low.working_set) / 40:.2f}, "
+          f"cgroup RSS {(high.cgroup_rss - low.cgroup_rss) / 40:.2f}, "
+          f"process RSS {(high.process_rss - low.process_rss) / 40:.2f}")  # fmt: skip
+    print(f"image: {IMAGE_ARCHIVE.relative_to(ROOT)} {image.archive:.1f} MiB; in the node's containerd "
+          f"{image.content:.1f} MiB of content (compressed layers), {image.unpacked:.1f} MiB unpacked")  # fmt: skip
+
+
+class MemorySampler:
+    """Readings of the runtime container of some pods, one per new kubelet sample, until they settle.
+
+    kubelet's stats are samples taken every few seconds: a reading counts only when its sample is newer
+    than the last one and than the sampler. Settled: the last SETTLED_SAMPLES working sets of every pod
+    lie within SETTLED_MIB; otherwise the bench goes on after MAX_SAMPLES with the last reading.
+    """
+
+    def __init__(self, core: client.CoreV1Api, pods: dict[str, str]) -> None:
+        self.core, self.pods = core, pods
+        self.readings: dict[str, list[Reading]] = {name: [] for name in pods}
+        self.last_sample = dict.fromkeys(pods, datetime.now().astimezone())
+        self.next_fetch = 0.0
+
+    def done(self) -> bool:
+        if time.monotonic() < self.next_fetch:
+            return False
+        self.next_fetch = time.monotonic() + 1
+        try:
+            containers = runtime_container_stats(self.core)
+        except ApiException:
+            return False  # kubelet or the API server busy: the next round
+        for name, ip in self.pods.items():
+            memory = containers.get(name, {})
+            if "workingSetBytes" not in memory or "time" not in memory:
+                continue
+            sampled = datetime.fromisoformat(memory["time"])
+            if sampled <= self.last_sample[name]:
+                continue
+            try:
+                process_rss, sessions = runtime_metrics(ip)
+            except (urllib.error.URLError, OSError):
+                continue  # a busy machine: the next sample
+            self.last_sample[name] = sampled
+            self.readings[name].append(
+                Reading(memory["workingSetBytes"] / MIB, memory.get("rssBytes", 0) / MIB, process_rss, sessions)
+            )
+        return all(len(r) >= MAX_SAMPLES or self._settled(r) for r in self.readings.values())
+
+    def result(self, name: str) -> tuple[Reading, bool]:
+        readings = self.readings[name]
+        return readings[-1], self._settled(readings)
+
+    @staticmethod
+    def _settled(readings: list[Reading]) -> bool:
+        last = [r.working_set for r in readings[-SETTLED_SAMPLES:]]
+        return len(last) == SETTLED_SAMPLES and max(last) - min(last) <= SETTLED_MIB
+
+
+def runtime_container_stats(core: client.CoreV1Api) -> dict[str, dict[str, Any]]:
+    """Memory of the container "runtime" per pod of the tenant, from kubelet's Summary API through the API server."""
+    response: Any = core.connect_get_node_proxy_with_path(NODE_NAME, "stats/summary", _preload_content=False)
+    summary = json.loads(response.data)
+    return {
+        pod["podRef"]["name"]: container.get("memory", {})
+        for pod in summary.get("pods", [])
+        if pod["podRef"]["namespace"] == TENANT
+        for container in pod.get("containers", [])
+        if container["name"] == "runtime"
+    }
+
+
+def runtime_metrics(pod_ip: str) -> tuple[float, int]:
+    """The runtime's own RSS (MiB) and its sessions in any state, from its Prometheus /metrics."""
+    with urllib.request.urlopen(f"http://{pod_ip}:{RUNTIME_PORT}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    rss, sessions = None, 0.0
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            rss = float(line.split()[1]) / MIB
+        elif line.startswith("waso_runtime_sessions{"):
+            sessions += float(line.split()[-1])
+    if rss is None:
+        raise BenchError(f"the runtime at {pod_ip} reports no process_resident_memory_bytes")
+    return rss, int(sessions)
+
+
+def idle_pod(apps: client.AppsV1Api) -> dict[str, Any]:
+    """A bare pod of the session StatefulSet's template, without its labels (neither the StatefulSet, its
+    Service nor the operator count it) and on a shard without sessions; an emptyDir for its volume claim."""
+    response: Any = apps.read_namespaced_stateful_set(STATEFULSET, TENANT, _preload_content=False)
+    statefulset = json.loads(response.data)
+    spec: dict[str, Any] = statefulset["spec"]["template"]["spec"]
+    container = next(c for c in spec["containers"] if c["name"] == "runtime")
+    container["env"] = [e for e in container["env"] if e["name"] != "WASO_SHARD"]
+    container["env"].append({"name": "WASO_SHARD", "value": str(IDLE_SHARD)})
+    spec["volumes"] = [*spec.get("volumes", []), {"name": "data", "emptyDir": {}}]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": IDLE_POD}, "spec": spec}
+
+
+def pod_ready(core: client.CoreV1Api, name: str) -> bool:
+    status = core.read_namespaced_pod(name, TENANT).status
+    statuses = (status.container_statuses if status else None) or []
+    return bool(statuses) and all(s.ready for s in statuses)
+
+
+def pod_exists(core: client.CoreV1Api, name: str) -> bool:
+    return any(p.metadata and p.metadata.name == name for p in core.list_namespaced_pod(TENANT).items)
+
+
+def pod_ip(core: client.CoreV1Api, name: str) -> str:
+    status = core.read_namespaced_pod(name, TENANT).status
+    ip = status.pod_ip if status else None
+    if not ip:
+        raise BenchError(f"pod {TENANT}/{name} has no IP")
+    return str(ip)
+
+
+def helm_install(kubeconfig: Path) -> None:
+    """The chart as it ships: operator and simulator (auto-pair) as Pods, the operator watching bench-* only."""
+    values = [
+        "--set", "namespaces={bench-*}",
+        "--set", "simulator.enabled=true",
+        "--set", "simulator.autoPair=true",
+        "--set", "simulator.autoPairSeconds=1",
+        "--set", "image.pullPolicy=Never",
+        "--set", "config.maxSessions=100",  # the global default (35) would hold back the last sessions
+    ]  # fmt: skip
+    command = [str(BIN / "helm"), f"--kubeconfig={kubeconfig}", "-n", RELEASE_NAMESPACE, "install", "waso",
+               str(ROOT / "charts/waso"), "--create-namespace", *values, "--wait", "--timeout", "4m"]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as error:
+        raise BenchError(f"helm install did not finish within 300 s\n{node_diagnosis(kubeconfig)}") from error
+    if result.returncode != 0:
+        raise BenchError(f"helm install failed: {result.stderr.strip()}\n{node_diagnosis(kubeconfig)}")
+
+
+def image_size(cluster: LocalCluster) -> ImageSize:
+    """The archive, and what the node's containerd holds of its image (`ctr images ls` and `ctr images usage`)."""
+    init = cluster.state.pids.get("node-init") if cluster.state else None
+    if init is None:
+        raise BenchError("the cluster has no node")
+    ctr = ["nsenter", f"--target={init}", "--mount", "--", str(BIN / "ctr"), f"--address={CONTAINERD_SOCKET}",
+           "-n", "k8s.io", "images"]  # fmt: skip
+    listed = sizes_in(run_text([*ctr, "ls", f"name=={IMAGE_REF}"]))
+    snapshots = sizes_in(run_text([*ctr, "usage", IMAGE_REF]))
+    if len(listed) != 1 or not snapshots:
+        raise BenchError(f"containerd on the node does not list {IMAGE_REF} once with its snapshots")
+    return ImageSize(IMAGE_ARCHIVE.stat().st_size / MIB, listed[0], sum(snapshots))
+
+
+UNITS = {"B": 1, "KiB": 1024, "MiB": MIB, "GiB": 1024 * MIB, "TiB": 1024 * 1024 * MIB}
+
+
+def sizes_in(table: str) -> list[float]:
+    """The size column (e.g. "97.3 MiB") of each row of a ctr table, in MiB."""
+    sizes = []
+    for row in table.splitlines()[1:]:
+        if found := re.search(r"\s(\d+(?:\.\d+)?) (B|KiB|MiB|GiB|TiB)\s", f" {row} "):
+            sizes.append(float(found[1]) * UNITS[found[2]] / MIB)
+    return sizes
+
+
+def run_text(command: list[str], stdin: str | None = None) -> str:
+    try:
+        result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as error:
+        raise BenchError(f"{' '.join(command)} did not finish within 60 s") from error
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(command)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    return run_text([str(BIN / "kubectl"), f"--kubeconfig={kubeconfig}", *args], stdin)
+
+
+def node_diagnosis(kubeconfig: Path) -> str:
+    """What runs, the tenant's sessions and events, and the session pod's last log lines."""
+    parts = []
+    for args in (["get", "pods", "-A", "-o", "wide"], ["get", "was", "-n", TENANT],
+                 ["get", "events", "-n", TENANT, "--sort-by=.lastTimestamp"],
+                 ["logs", "-n", TENANT, SESSION_POD, "--tail=20"]):  # fmt: skip
+        try:
+            parts.append(f"$ kubectl {' '.join(args)}\n{kubectl(kubeconfig, *args).strip()}")
+        except BenchError as error:
+            parts.append(str(error))
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
