@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
+from localcluster import http_ok
 
 from tests.conftest import ControlPlane
 from tests.operator_support import Tenants, condition, create_quota, get, list_sessions
@@ -152,6 +153,21 @@ def test_samples_installed_by_helm_become_ready_under_pod_security_restricted(re
     pod_ip = core.read_namespaced_pod(host.split(".")[0], acme).status.pod_ip
     assert resolved.stdout.strip() == pod_ip
     assert "waso operator started" in _operator_logs(release)
+    # kubectl port-forward reaches the runtime's API through the API server and kubelet.
+    forward = subprocess.Popen(
+        [str(BIN / "kubectl"), f"--kubeconfig={release.control_plane.kubeconfig}", "port-forward", "-n", acme,
+         "pod/waso-sessions-0", ":8080"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert forward.stdout is not None
+        first = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8080"
+        assert "Forwarding from 127.0.0.1:" in first, first
+        port = int(first.split("127.0.0.1:")[1].split()[0])
+        assert http_ok(f"http://127.0.0.1:{port}/readyz")
+    finally:
+        forward.kill()
+        forward.wait()
 
 
 def test_a_deleted_session_pod_stops_cleanly_and_its_successor_reconnects_without_a_new_qr(release: Release) -> None:
