@@ -47,7 +47,7 @@ CLUSTER_DOMAIN = "cluster.local"
 STORAGE_CLASS = "waso-local"
 PROVISIONER = "waso.dev/local-node"
 KERNEL_SETTINGS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
-REGISTRY = Path("/tmp/waso-local-nodes")  # shared by every node on this machine: kernel settings to restore
+REGISTRY = Path("/tmp/waso-local-nodes")  # shared by every node on this machine: the kernel settings to restore
 CGROUP_FS = Path("/sys/fs/cgroup")
 # Inside the node's mount namespace, per-node directories cover the paths kubelet and containerd use, so both
 # run with their usual paths: short ones, which matters for unix sockets (108 bytes at most).
@@ -251,6 +251,7 @@ def init(plan_file: Path) -> int:
         _write_sysctl("net/ipv4/ip_forward", "1")
         _write_sysctl("net/bridge/bridge-nf-call-iptables", "1")
         create_cgroup_root(plan.net.cgroup_root)
+        join_own_cgroup(plan.net.cgroup_root)
         configs = _write_configs(plan)
         env = {**os.environ, "PATH": f"{plan.bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
         binaries = Path(plan.bin)
@@ -287,6 +288,8 @@ def init(plan_file: Path) -> int:
         _say(f"node components stopped in {time.monotonic() - stopping:.1f}s")
         _kill_everything()
         _say(f"every process of the node gone after {time.monotonic() - stopping:.1f}s")
+        with contextlib.suppress(OSError):
+            join_own_cgroup(plan.net.cgroup_root, leave=True)
         remove_cgroups(plan.net.cgroup_root)
         release_kernel_settings(plan.network)
         _say(f"cgroups removed and kernel settings released after {time.monotonic() - stopping:.1f}s")
@@ -615,20 +618,18 @@ def _hierarchies() -> list[Path]:
 
 
 def record_kernel_settings(index: int) -> None:
-    """Remember the machine's values before the first node changes them; register this node."""
+    """Remember the machine's values unless another node runs (it changed them already)."""
     REGISTRY.mkdir(parents=True, exist_ok=True)
     saved = REGISTRY / "kernel.json"
-    if not saved.exists() or not _live_nodes(exclude=index):
+    if not saved.exists() or not _other_live_nodes(index):
         values = {name: (Path("/proc/sys") / name).read_text().strip() for name in KERNEL_SETTINGS}
         saved.write_text(json.dumps(values))
-    (REGISTRY / f"node-{index}").write_text(str(os.getpid() if os.getpid() != 1 else os.getppid()))
 
 
 def release_kernel_settings(index: int) -> None:
-    """Unregister this node; the last node restores the machine's values."""
-    (REGISTRY / f"node-{index}").unlink(missing_ok=True)
+    """The last node to stop restores the machine's values."""
     saved = REGISTRY / "kernel.json"
-    if _live_nodes(exclude=index) or not saved.exists():
+    if _other_live_nodes(index) or not saved.exists():
         return
     for name, value in json.loads(saved.read_text()).items():
         with contextlib.suppress(OSError):
@@ -636,15 +637,23 @@ def release_kernel_settings(index: int) -> None:
     saved.unlink(missing_ok=True)
 
 
-def _live_nodes(exclude: int) -> list[Path]:
-    live = []
-    for entry in REGISTRY.glob("node-*"):
-        if entry.name == f"node-{exclude}":
-            continue
-        with contextlib.suppress(ValueError, OSError):
-            os.kill(int(entry.read_text()), 0)
-            live.append(entry)
-    return live
+def join_own_cgroup(root: str, leave: bool = False) -> None:
+    """The node's first process (and so kubelet, containerd and the rest) in the node's pids cgroup, or out again.
+
+    This is how any node on the machine, whatever PID namespace it looks from, tells a live node from
+    the remains of one: a live node has processes under its cgroup root.
+    """
+    hierarchy = CGROUP_FS / "pids"
+    target = hierarchy if leave else hierarchy / root.lstrip("/")
+    (target / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def _other_live_nodes(index: int) -> list[Path]:
+    return [
+        root
+        for root in (CGROUP_FS / "pids").glob("waso-node-*")
+        if root.name != f"waso-node-{index}" and any(procs.read_text().strip() for procs in root.rglob("cgroup.procs"))
+    ]
 
 
 # --- small helpers ------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import localcluster
-import localnode
 import pytest
 import redis
 from kubernetes import client, watch
@@ -266,7 +265,8 @@ def _alive(pid: int) -> bool:
 
 
 def _leftovers(directory: Path, network: int) -> list[str]:
-    """What a stopped cluster could leave on the machine: processes, cgroups, the veth, kernel-setting claims."""
+    """What a stopped cluster could leave on the machine: processes, cgroups (a live node's claim on the kernel
+    settings is its cgroup), the veth."""
     found = []
     marker = str(directory).encode()
     for entry in Path("/proc").iterdir():
@@ -278,8 +278,6 @@ def _leftovers(directory: Path, network: int) -> list[str]:
     link = subprocess.run(["ip", "link", "show", f"waso{network}h"], capture_output=True, check=False)
     if link.returncode == 0:
         found.append(f"link waso{network}h")
-    if (localnode.REGISTRY / f"node-{network}").exists():
-        found.append(f"kernel-settings claim of node {network}")
     return found
 
 
