@@ -132,12 +132,7 @@ def run(kubeconfig: Path, tmp: Path) -> int:
         memory = {0: rss_mib(runtime.pid)}
         created = 0
         for target in (1, 10, 50):
-            while created < target:
-                custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "whatsappsessions", {
-                    "apiVersion": f"{GROUP}/{VERSION}", "kind": "WhatsAppSession", "metadata": {"name": f"s{created}"},
-                    "spec": {"phoneNumber": f"+49151{created:08d}"},
-                })  # fmt: skip
-                created += 1
+            created = add_sessions(custom, NAMESPACE, created, target)
             wait(functools.partial(at_least_connected, custom, target), 120, f"{target} connected sessions")
             time.sleep(2)  # let allocations settle
             memory[target] = rss_mib(runtime.pid)
@@ -164,6 +159,16 @@ def run(kubeconfig: Path, tmp: Path) -> int:
     )
     print(f"ratio runtime/floor throughput: {rate / floor_rate:.2f}")
     return 0
+
+
+def add_sessions(custom: client.CustomObjectsApi, namespace: str, created: int, target: int, phones: int = 0) -> int:
+    """Sessions s<created> .. s<target-1> in ``namespace``, phone numbers from ``phones`` on; returns ``target``."""
+    for index in range(created, target):
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "whatsappsessions", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "WhatsAppSession", "metadata": {"name": f"s{index}"},
+            "spec": {"phoneNumber": f"+49151{phones + index:08d}"},
+        })  # fmt: skip
+    return target
 
 
 def at_least_connected(custom: client.CustomObjectsApi, wanted: int, namespace: str = NAMESPACE) -> bool:
@@ -301,12 +306,7 @@ def run_on_node(cluster: LocalCluster) -> None:
     memory: dict[int, tuple[Reading, bool]] = {}
     created = 0
     for target in (10, 50):
-        while created < target:
-            custom.create_namespaced_custom_object(GROUP, VERSION, TENANT, "whatsappsessions", {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": "WhatsAppSession", "metadata": {"name": f"s{created}"},
-                "spec": {"phoneNumber": f"+49151000000{created:02d}"},
-            })  # fmt: skip
-            created += 1
+        created = add_sessions(custom, TENANT, created, target, phones=1000)  # phone numbers are unique cluster-wide
         wait_until(functools.partial(at_least_connected, custom, target, TENANT), 60 + 6 * target,
                    f"{target} connected sessions in {TENANT}", diagnose)  # fmt: skip
         pods = {SESSION_POD: target}

@@ -12,7 +12,6 @@ namespaces, so the other tests' operators never meet it.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import uuid
@@ -27,7 +26,7 @@ from kubernetes import client
 from localcluster import http_ok
 
 from tests.conftest import ControlPlane
-from tests.operator_support import Tenants, condition, create_quota, get, list_sessions
+from tests.operator_support import Tenants, condition, create_quota, create_session, get, list_sessions
 from tests.runtime_support import http_json
 from tests.support import BIN, kubectl, wait_for
 
@@ -173,9 +172,7 @@ def test_samples_installed_by_helm_become_ready_under_pod_security_restricted(re
 def test_a_deleted_session_pod_stops_cleanly_and_its_successor_reconnects_without_a_new_qr(release: Release) -> None:
     api = release.control_plane.api
     namespace = release.tenants.namespace("restart")
-    body = {"phoneNumber": "+4915112349901"}
-    create = {"apiVersion": "waso.dev/v1alpha1", "kind": "WhatsAppSession", "metadata": {"name": "s1"}, "spec": body}
-    kubectl(release.control_plane.kubeconfig, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(create))
+    create_session(api, namespace, "s1", "+4915112349901")
     wait_ready(release, namespace)
     connected = runtime(get(api, namespace, "s1"))
     before = release.simulator("/v1/stats")["counters"]
@@ -214,13 +211,7 @@ def test_an_out_of_memory_session_pod_is_explained_and_recovers_when_the_limit_i
     namespace = release.tenants.namespace("oom")
     tiny = {"requests": {"cpu": "50m", "memory": "16Mi"}, "limits": {"memory": "16Mi"}}
     create_quota(api, namespace, maxSessions=2, sessionsPerPod=2, podResources=tiny)
-    create = {
-        "apiVersion": "waso.dev/v1alpha1",
-        "kind": "WhatsAppSession",
-        "metadata": {"name": "s1"},
-        "spec": {"phoneNumber": "+4915112349902"},
-    }
-    kubectl(release.control_plane.kubeconfig, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(create))
+    create_session(api, namespace, "s1", "+4915112349902")
 
     def explained() -> dict[str, Any] | None:
         found = condition(get(api, namespace, "s1"), "Connected")
@@ -245,13 +236,7 @@ def test_an_out_of_memory_session_pod_is_explained_and_recovers_when_the_limit_i
 def test_helm_upgrade_keeps_sessions_connected_and_uninstall_keeps_crds_and_sessions(release: Release) -> None:
     api = release.control_plane.api
     namespace = release.tenants.namespace("upgrade")
-    create = {
-        "apiVersion": "waso.dev/v1alpha1",
-        "kind": "WhatsAppSession",
-        "metadata": {"name": "s1"},
-        "spec": {"phoneNumber": "+4915112349903"},
-    }
-    kubectl(release.control_plane.kubeconfig, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(create))
+    create_session(api, namespace, "s1", "+4915112349903")
     wait_ready(release, namespace)
     session = get(api, namespace, "s1")
     connected, connected_uid = runtime(session), session["metadata"]["uid"]
