@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from kubernetes import client, config
-from localcluster import LocalCluster, die_with_parent
+from localcluster import LocalCluster
+from processes import die_with_parent
 
 from waso.api.base import GROUP, VERSION
 

@@ -36,8 +36,9 @@ from typing import Any, cast
 import aiohttp
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from localcluster import BIN, ClusterError, LocalCluster, die_with_parent, free_port, http_ok, wait_until
+from localcluster import BIN, LocalCluster
 from localnode import CONTAINERD_SOCKET, NODE_NAME
+from processes import ClusterError, free_port, http_ok, spawn_logged, wait_until
 
 from waso.api.base import GROUP, VERSION
 from waso.operator.resources import NAME as STATEFULSET
@@ -64,11 +65,7 @@ def rss_mib(pid: int) -> float:
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "waso.cli.main", *args],
-            env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-        )  # fmt: skip
+    return spawn_logged([sys.executable, "-m", "waso.cli.main", *args], log, tied=True, env={**os.environ, **env})
 
 
 def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -25,23 +25,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import localnode
+from processes import (
+    ClusterError,
+    free_port,
+    http_ok,
+    processes_using,
+    spawn_logged,
+    terminate,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
@@ -52,17 +55,6 @@ BUILD_HINT = "run `make tools` (hack/build-tools.sh) to build it"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 NODE_BINARIES = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "coredns", "pause.oci.tar")
 PAUSE_IMAGE_ENV = "PAUSE_VERSION"
-_PR_SET_PDEATHSIG = 1
-
-
-class ClusterError(RuntimeError):
-    """The control plane could not be started or stopped."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def binary(name: str) -> Path:
@@ -71,12 +63,6 @@ def binary(name: str) -> Path:
     if not os.access(path, os.R_OK if name.endswith(".tar") else os.X_OK):
         raise ClusterError(f"{path} is missing: {BUILD_HINT}")
     return path
-
-
-def die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.setpgid(0, 0)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -207,8 +193,7 @@ class LocalCluster:
             raise ClusterError(f"{self.state_file} exists: a cluster may be running; stop it first (make cluster-down)")
         for name in (*COMPONENTS, *(NODE_BINARIES if self.with_node else ())):
             binary(name)
-        for pid in _processes_using(self.directory):  # left over by a crashed `up`
-            _terminate(pid)
+        terminate(list(processes_using(self.directory)))  # left over by a crashed `up`
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.logs.mkdir(parents=True)
@@ -265,16 +250,15 @@ class LocalCluster:
         # Then the node's first process stops kubelet and containerd, kills every pod and removes its cgroups.
         # The API server stops listening at once but may then linger on connections that never drain; etcd's
         # data is thrown away with the cluster, so a short grace loses nothing.
-        _terminate_all([pids[name] for name in COMPONENTS if name in pids and name != "etcd"], grace=3)
-        _terminate_all([pids[name] for name in ("etcd",) if name in pids])  # the API server needs it to the end
-        _terminate_all([pids[name] for name in ("node-init", "node") if name in pids], grace=60)
+        terminate([pids[name] for name in COMPONENTS if name in pids and name != "etcd"], grace=3)
+        terminate([pids[name] for name in ("etcd",) if name in pids])  # the API server needs it to the end
+        terminate([pids[name] for name in ("node-init", "node") if name in pids], grace=60)
         if state.get("node_network") is not None:
             localnode.host_teardown(localnode.NodeNetwork(state["node_network"]))
         for proc in self.processes.values():
             with contextlib.suppress(ChildProcessError):
                 proc.wait(timeout=0)
-        for pid in _processes_using(self.directory):
-            _terminate(pid)
+        terminate(list(processes_using(self.directory)))
         self.state_file.unlink(missing_ok=True)
         self.state_file.with_suffix(".partial").unlink(missing_ok=True)
         shutil.rmtree(self.directory / "etcd", ignore_errors=True)
@@ -338,18 +322,8 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str], tied: bool) -> None:
         assert self.state is not None
-        log = (self.logs / f"{name}.log").open("ab")
         command = args if name == "node" else [str(binary(name)), *args]
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=self.directory,
-            preexec_fn=die_with_parent if tied else None,
-            start_new_session=not tied,
-        )
-        log.close()
+        proc = spawn_logged(command, self.logs / f"{name}.log", tied=tied, cwd=self.directory)
         self.processes[name] = proc
         self.state.pids[name] = proc.pid
         # Written as soon as there is something to clean up.
@@ -460,68 +434,6 @@ def pause_image() -> str:
     if not tag:
         raise ClusterError(f"hack/versions.env has no {PAUSE_IMAGE_ENV}")
     return f"localhost/waso-pause:{tag}"
-
-
-def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2, context=context) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, diagnose: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnose()}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:  # a zombie that another process has yet to reap has exited all the same
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _terminate(pid: int, grace: float = 10.0) -> None:
-    _terminate_all([pid], grace)
-
-
-def _terminate_all(pids: list[int], grace: float = 10.0) -> None:
-    """SIGTERM to all at once, SIGKILL to those still alive after ``grace``."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                time.sleep(0.05)
-
-
-def _processes_using(directory: Path) -> Iterator[int]:
-    """PIDs of leftover control-plane processes whose command line names this directory."""
-    marker = str(directory).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if marker in (entry / "cmdline").read_bytes():
-                yield int(entry.name)
 
 
 CONTEXT = "waso-local"

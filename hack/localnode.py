@@ -37,10 +37,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from processes import ClusterError, run_checked, spawn_logged, wait_until
 
 NODE_NAME = "waso-node"
 CLUSTER_DOMAIN = "cluster.local"
@@ -61,7 +62,7 @@ NODE_MOUNTS = (
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 
 
-class NodeError(RuntimeError):
+class NodeError(ClusterError):
     """The node could not be started."""
 
 
@@ -130,23 +131,23 @@ def host_setup(pid: int, network: NodeNetwork) -> None:
     """Join the node's network namespace (the one of ``pid``) to the machine with a veth pair."""
     inside = f"/proc/{pid}/ns/net"
     peer = f"waso{network.index}n"
-    _run("ip", "link", "add", network.host_link, "type", "veth", "peer", "name", peer)
-    _run("ip", "link", "set", peer, "netns", str(pid))
-    _run("ip", "addr", "add", f"{network.host_ip}/30", "dev", network.host_link)
-    _run("ip", "link", "set", network.host_link, "up")
+    run_checked("ip", "link", "add", network.host_link, "type", "veth", "peer", "name", peer)
+    run_checked("ip", "link", "set", peer, "netns", str(pid))
+    run_checked("ip", "addr", "add", f"{network.host_ip}/30", "dev", network.host_link)
+    run_checked("ip", "link", "set", network.host_link, "up")
     node = ("nsenter", f"--net={inside}")
-    _run(*node, "ip", "link", "set", peer, "name", "eth0")
-    _run(*node, "ip", "addr", "add", f"{network.node_ip}/30", "dev", "eth0")
-    _run(*node, "ip", "link", "set", "eth0", "up")
-    _run(*node, "ip", "link", "set", "lo", "up")
-    _run(*node, "ip", "route", "add", "default", "via", network.host_ip)
-    _run("ip", "route", "add", network.pod_cidr, "via", network.node_ip)
+    run_checked(*node, "ip", "link", "set", peer, "name", "eth0")
+    run_checked(*node, "ip", "addr", "add", f"{network.node_ip}/30", "dev", "eth0")
+    run_checked(*node, "ip", "link", "set", "eth0", "up")
+    run_checked(*node, "ip", "link", "set", "lo", "up")
+    run_checked(*node, "ip", "route", "add", "default", "via", network.host_ip)
+    run_checked("ip", "route", "add", network.pod_cidr, "via", network.node_ip)
 
 
 def host_teardown(network: NodeNetwork) -> None:
     """Remove what a node that died without its own teardown leaves on the machine."""
     with contextlib.suppress(subprocess.CalledProcessError):
-        _run("ip", "link", "del", network.host_link)  # the node's end and the route go with it
+        run_checked("ip", "link", "del", network.host_link)  # the node's end and the route go with it
     remove_cgroups(network.cgroup_root)
     release_kernel_settings(network.index)
 
@@ -255,26 +256,35 @@ def init(plan_file: Path) -> int:
         configs = _write_configs(plan)
         env = {**os.environ, "PATH": f"{plan.bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
         binaries = Path(plan.bin)
-        children["containerd"] = _spawn(
-            node_dir, "containerd", [binaries / "containerd", "--config", configs["containerd"]], env
-        )
-        socket = Path(CONTAINERD_SOCKET)
-        _wait(socket.exists, stop, "containerd's socket", children)
+        logs = node_dir.parent / "logs"
+
+        def start(name: str, *command: str | Path) -> None:
+            children[name] = spawn_logged([str(part) for part in command], logs / f"{name}.log", tied=False, env=env)
+
+        def components_running(when: str) -> None:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    raise NodeError(f"{name} exited with {child.returncode} {when}; see its log")
+
+        def containerd_ready() -> bool:
+            if stop.is_set():
+                raise NodeError("stopped")
+            components_running("before its socket appeared")
+            return Path(CONTAINERD_SOCKET).exists()
+
+        start("containerd", binaries / "containerd", "--config", configs["containerd"])
+        wait_until(containerd_ready, 60, "containerd's socket", lambda: "see logs/containerd.log")
         for archive in plan.images:
             import_image(binaries / "ctr", Path(archive))
-        children["kubelet"] = _spawn(node_dir, "kubelet", [*_kubelet_args(plan, configs)], env)
-        children["kube-proxy"] = _spawn(
-            node_dir, "kube-proxy", [binaries / "kube-proxy", f"--config={configs['kube-proxy']}"], env
-        )
-        children["coredns"] = _spawn(node_dir, "coredns", [binaries / "coredns", "-conf", configs["coredns"]], env)
+        start("kubelet", *_kubelet_args(plan, configs))
+        start("kube-proxy", binaries / "kube-proxy", f"--config={configs['kube-proxy']}")
+        start("coredns", binaries / "coredns", "-conf", configs["coredns"])
         provisioner = threading.Thread(target=provision_volumes, args=(plan, stop), daemon=True)
         provisioner.start()
         (node_dir / "started").touch()
         while not stop.wait(0.5):
             _reap()
-            for name, child in children.items():
-                if child.poll() is not None:
-                    raise NodeError(f"{name} exited with {child.returncode}; see its log")
+            components_running("while the node ran")
     except BaseException as error:  # PID 1 always cleans up
         (node_dir / "failed").write_text(f"{error!r}\n")
         _say(f"failed: {error!r}")
@@ -307,17 +317,17 @@ def import_image(ctr: Path, archive: Path, init_pid: int | None = None) -> None:
     where containerd's socket is.
     """
     enter = ["nsenter", f"--target={init_pid}", "--mount", "--"] if init_pid is not None else []
-    _run(*enter, str(ctr), f"--address={CONTAINERD_SOCKET}", "-n", "k8s.io", "images", "import", str(archive))
+    run_checked(*enter, str(ctr), f"--address={CONTAINERD_SOCKET}", "-n", "k8s.io", "images", "import", str(archive))
 
 
 def _wait_for_link(stop: threading.Event) -> None:
-    deadline = time.monotonic() + 30
-    while not stop.is_set() and time.monotonic() < deadline:
+    def connected() -> bool:
+        if stop.is_set():
+            raise NodeError("stopped")
         route = subprocess.run(["ip", "route", "show", "default"], capture_output=True, text=True).stdout
-        if route.strip():
-            return
-        time.sleep(0.05)
-    raise NodeError("the machine did not connect the node's network")
+        return bool(route.strip())
+
+    wait_until(connected, 30, "the machine to connect the node's network", lambda: "see logs/node.log", 0.05)
 
 
 def _mount_private_dirs(node_dir: Path) -> None:
@@ -325,7 +335,7 @@ def _mount_private_dirs(node_dir: Path) -> None:
         source = node_dir / name
         source.mkdir(parents=True, exist_ok=True)
         Path(target).mkdir(parents=True, exist_ok=True)
-        _run("mount", "--bind", str(source), target)
+        run_checked("mount", "--bind", str(source), target)
 
 
 def _write_configs(plan: NodePlan) -> dict[str, str]:
@@ -659,36 +669,8 @@ def _other_live_nodes(index: int) -> list[Path]:
 # --- small helpers ------------------------------------------------------------------------------
 
 
-def _run(*command: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
-
-
 def _write_sysctl(name: str, value: str) -> None:
     (Path("/proc/sys") / name).write_text(value)
-
-
-def _spawn(node_dir: Path, name: str, command: list[str | Path], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    logs = node_dir.parent / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with (logs / f"{name}.log").open("ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-
-
-def _wait(
-    check: Callable[[], bool], stop: threading.Event, what: str, children: dict[str, subprocess.Popen[bytes]]
-) -> None:
-    deadline = time.monotonic() + 60
-    while not check():
-        if stop.is_set():
-            raise NodeError("stopped")
-        for name, child in children.items():
-            if child.poll() is not None:
-                raise NodeError(f"{name} exited with {child.returncode} before {what}")
-        if time.monotonic() > deadline:
-            raise NodeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _reap() -> None:

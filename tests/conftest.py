@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client, config
-from localcluster import ClusterError, LocalCluster, die_with_parent
+from localcluster import LocalCluster
+from processes import ClusterError, die_with_parent
 
 from tests.operator_support import Tenants
 from tests.support import free_port, kubectl, wait_for, which_or_fail

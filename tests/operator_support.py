@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from localcluster import die_with_parent
+from processes import die_with_parent
 
 from tests.support import wait_for
 from waso.api.base import GROUP, VERSION

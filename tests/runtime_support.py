@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import die_with_parent, http_ok
+from processes import http_ok, spawn_logged
 
 from tests.support import free_port, wait_for
 
@@ -103,14 +103,7 @@ class Process:
 
 
 def spawn_waso(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "waso.cli.main", *args],
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
+    return spawn_logged([sys.executable, "-m", "waso.cli.main", *args], log, tied=True, env={**os.environ, **env})
 
 
 def _ready(process: Process, path: str) -> bool:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from kubernetes.client.exceptions import ApiException
-from localcluster import BIN, free_port
+from localcluster import BIN
+from processes import free_port
 
 T = TypeVar("T")
 

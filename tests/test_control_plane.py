@@ -21,7 +21,8 @@ import pytest
 import redis
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
-from localcluster import BIN, ClusterError, LocalCluster
+from localcluster import BIN, LocalCluster
+from processes import ClusterError
 
 from tests.conftest import ControlPlane, RedisServer
 from tests.support import api_message, kubectl, wait_for

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from localcluster import http_ok
+from processes import http_ok
 
 from tests.conftest import ControlPlane
 from tests.operator_support import Tenants, condition, create_quota, create_session, get, list_sessions
