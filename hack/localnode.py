@@ -46,6 +46,7 @@ from processes import ClusterError, run_checked, spawn_logged, wait_until
 NODE_NAME = "waso-node"
 CLUSTER_DOMAIN = "cluster.local"
 STORAGE_CLASS = "waso-local"
+DNS_SERVICE_IP = "10.96.0.10"  # the kube-dns Service, in front of CoreDNS on the node
 PROVISIONER = "waso.dev/local-node"
 KERNEL_SETTINGS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 REGISTRY = Path("/tmp/waso-local-nodes")  # shared by every node on this machine: the kernel settings to restore
@@ -204,7 +205,7 @@ def bootstrap_manifests(network: NodeNetwork) -> list[dict[str, Any]]:
             "kind": "Service",
             "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
             "spec": {
-                "clusterIP": dns_service_ip(),
+                "clusterIP": DNS_SERVICE_IP,
                 "ports": [
                     {"name": "dns", "port": 53, "protocol": "UDP"},
                     {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
@@ -227,10 +228,6 @@ def bootstrap_manifests(network: NodeNetwork) -> list[dict[str, Any]]:
             ],
         },
     ]
-
-
-def dns_service_ip() -> str:
-    return "10.96.0.10"
 
 
 # --- inside the node ----------------------------------------------------------------------------
@@ -281,7 +278,6 @@ def init(plan_file: Path) -> int:
         start("coredns", binaries / "coredns", "-conf", configs["coredns"])
         provisioner = threading.Thread(target=provision_volumes, args=(plan, stop), daemon=True)
         provisioner.start()
-        (node_dir / "started").touch()
         while not stop.wait(0.5):
             _reap()
             components_running("while the node ran")
@@ -409,7 +405,7 @@ state = "/run/containerd"
         ],
     }
     write("net.d/10-waso.conflist", json.dumps(cni, indent=2))
-    write("resolv.conf", f"nameserver {dns_service_ip()}\n")
+    write("resolv.conf", f"nameserver {DNS_SERVICE_IP}\n")
     kubelet = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -426,7 +422,7 @@ state = "/run/containerd"
         "enforceNodeAllocatable": ["pods"],
         "readOnlyPort": 0,
         "healthzBindAddress": "127.0.0.1",
-        "clusterDNS": [dns_service_ip()],
+        "clusterDNS": [DNS_SERVICE_IP],
         "clusterDomain": CLUSTER_DOMAIN,
         "resolvConf": files["resolv"],
         "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
