@@ -93,10 +93,11 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:  # a zombie that another process has yet to reap has exited all the same
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != pid  # our child: alive until reaped
+    except ChildProcessError:
+        pass
+    try:  # not ours: a zombie that another process has yet to reap has exited all the same
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
