@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from processes import ClusterError, run_checked, spawn_logged, wait_until
+from processes import ClusterError, run_checked, spawn_logged, terminate, wait_until
 
 NODE_NAME = "waso-node"
 CLUSTER_DOMAIN = "cluster.local"
@@ -287,10 +287,7 @@ def init(plan_file: Path) -> int:
         status = 1
     finally:
         stopping = time.monotonic()
-        for child in reversed(children.values()):
-            with contextlib.suppress(ProcessLookupError):
-                child.terminate()
-        _wait_children(list(children.values()), 10)
+        terminate([child.pid for child in reversed(children.values())], grace=10)
         _say(f"node components stopped in {time.monotonic() - stopping:.1f}s")
         _kill_everything()
         _say(f"every process of the node gone after {time.monotonic() - stopping:.1f}s")
@@ -674,13 +671,6 @@ def _reap() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
-
-
-def _wait_children(children: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for child in children:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
 
 
 def _kill_everything() -> None:
