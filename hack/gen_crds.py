@@ -66,9 +66,12 @@ def render_reference(crds: dict[str, dict[str, Any]]) -> str:
         schema = version["schema"]["openAPIV3Schema"]
         names = crd["spec"]["names"]
         out += ["", f"## {names['kind']}", "", schema["description"], ""]
+        columns = version["additionalPrinterColumns"]
+        wide = [c["name"] for c in columns if c.get("priority", 0)]
         out.append(
             f"Short names: {', '.join(names['shortNames'])}. Columns of `kubectl get`: "
-            + ", ".join(c["name"] for c in version["additionalPrinterColumns"])
+            + ", ".join(c["name"] for c in columns if not c.get("priority", 0))
+            + (f"; with `-o wide` also {', '.join(wide)}" if wide else "")
             + "."
         )
         for part in ("spec", "status"):

@@ -8,6 +8,7 @@ the operator or runtime builds an object. This package does no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -54,18 +55,62 @@ Timestamp = Annotated[
 ]
 """A metav1.Time: UTC, whole seconds, serialized as ``2006-01-02T15:04:05Z``."""
 
-Quantity = Annotated[
-    str,
-    Field(
+
+def cel_string(text: str) -> str:
+    """``text`` as a CEL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _naming_the_value(message: str) -> str:
+    """A messageExpression: ``message``, then the string value refused."""
+    return cel_string(f'{message}, not "') + " + self + " + cel_string('"')
+
+
+QUANTITY_EXAMPLES = "500m, 2 or 256Mi"
+
+
+def quantity_field(name: str | None = None) -> Any:
+    """The constraints of a quantity field: at most 64 characters, and a CEL ``isQuantity`` rule whose message
+    names the field (when given) and the value.
+
+    The rule text stays ``isQuantity(self)``: the chart's values schema turns exactly that into a pattern.
+    """
+    subject = f"{name} must" if name else "must"
+    message = f"{subject} be a Kubernetes quantity such as {QUANTITY_EXAMPLES}"
+    expression = _naming_the_value(message)
+    return Field(
         max_length=64,
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "isQuantity(self)", "message": "must be a Kubernetes quantity such as 500m, 2 or 256Mi"}
+                {"rule": "isQuantity(self)", "message": message, "messageExpression": expression}
             ]
         },
-    ),
-]
+    )
+
+
+Quantity = Annotated[str, quantity_field()]
 """A resource quantity (``500m``, ``256Mi``); the API server checks the syntax."""
+
+
+def pattern_as_rule(pattern: str, message: str, *more_rules: dict[str, str]) -> Callable[[dict[str, Any]], None]:
+    """A ``json_schema_extra`` that moves a string field's ``pattern`` into a CEL rule.
+
+    The API server words a failed ``pattern`` as the raw regular expression; the rule's ``messageExpression``
+    is ``message`` followed by the value given. pydantic still checks ``pattern`` itself. The field must
+    have a ``maxLength``, which bounds the rule's cost. ``more_rules`` are the field's other CEL rules.
+    """
+    rule = {
+        "rule": f"self.matches({cel_string(pattern)})",
+        "message": message,
+        "messageExpression": _naming_the_value(message),
+    }
+
+    def edit(schema: dict[str, Any]) -> None:
+        if schema.pop("pattern", None) != pattern or "maxLength" not in schema:
+            raise ValueError(f"pattern_as_rule({pattern!r}) needs that pattern and a maxLength: {schema}")
+        schema["x-kubernetes-validations"] = [rule, *more_rules]
+
+    return edit
 
 
 class ObjectMeta(BaseModel):

@@ -81,10 +81,16 @@ SESSION = ResourceDefinition(
     columns=(
         PrinterColumn("Phone", "string", ".spec.phoneNumber", "Phone number (E.164)"),
         PrinterColumn("Phase", "string", ".status.phase", "Display phase; conditions are the contract"),
-        PrinterColumn("Device", "integer", ".status.runtime.deviceId", "Device number of the live JID"),
         PrinterColumn("Ready", "string", '.status.conditions[?(@.type=="Ready")].status', "Ready condition"),
+        PrinterColumn(
+            "Reason", "string", '.status.conditions[?(@.type=="Ready")].reason', "Why the session is or is not ready"
+        ),
         PrinterColumn("Shard", "integer", ".status.shard", "Session pod index serving this session"),
         AGE,
+        # -o wide
+        PrinterColumn("Device", "integer", ".status.runtime.deviceId", "Device number of the live JID", 1),
+        PrinterColumn("Endpoint", "string", ".status.endpoint", "The runtime's HTTP base URL for this session", 1),
+        PrinterColumn("Last Error", "string", ".status.runtime.lastError", "The last error the transport reported", 1),
     ),
     # The name is used as a label value and in Lease names.
     max_name_length=63,

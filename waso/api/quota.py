@@ -11,15 +11,23 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from waso.api.base import ApiModel, ObjectMeta, Quantity
+from waso.api.base import ApiModel, ObjectMeta, quantity_field
 from waso.api.conditions import Condition
 
+DEFAULT_PAIRING_STREAMS = 2
+"""The tenant's QR streams when maxPairingStreams is absent, unless maxSessions is smaller."""
+
+# A value that is not a quantity is refused by its own isQuantity rule; this rule then passes rather than
+# fail on quantity() with CEL's raw regular expression.
 _REQUESTS_WITHIN_LIMITS = [
     {
         "rule": f"!has(self.requests) || !has(self.limits) || !has(self.requests.{resource}) "
         f"|| !has(self.limits.{resource}) "
+        f"|| !isQuantity(self.requests.{resource}) || !isQuantity(self.limits.{resource}) "
         f"|| quantity(self.requests.{resource}).compareTo(quantity(self.limits.{resource})) <= 0",
         "message": f"requests.{resource} must not exceed limits.{resource}",
+        "messageExpression": f"'requests.{resource} (' + self.requests.{resource} "
+        f"+ ') must not exceed limits.{resource} (' + self.limits.{resource} + ')'",
         "fieldPath": f".requests.{resource}",
     }
     for resource in ("cpu", "memory")
@@ -29,9 +37,9 @@ _REQUESTS_WITHIN_LIMITS = [
 class ResourceAmounts(ApiModel):
     """CPU and memory, as in a container's resources."""
 
-    cpu: Quantity | None = None
+    cpu: Annotated[str, quantity_field("cpu")] | None = None
     """CPU, e.g. 250m or 1."""
-    memory: Quantity | None = None
+    memory: Annotated[str, quantity_field("memory")] | None = None
     """Memory, e.g. 256Mi."""
 
 
@@ -49,8 +57,12 @@ class TenantQuotaSpec(
     json_schema_extra={
         "x-kubernetes-validations": [
             {
-                "rule": "self.maxPairingStreams <= self.maxSessions",
+                "rule": "!has(self.maxPairingStreams) || self.maxPairingStreams <= self.maxSessions",
                 "message": "maxPairingStreams cannot exceed maxSessions",
+                # format(), not string(int) + ...: the cost of joining strings of unknown length is estimated
+                # without bound, and the API server refuses such a CRD.
+                "messageExpression": "'maxPairingStreams (%d) cannot exceed maxSessions (%d)'"
+                ".format([self.maxPairingStreams, self.maxSessions])",
                 "fieldPath": ".maxPairingStreams",
             }
         ]
@@ -62,14 +74,22 @@ class TenantQuotaSpec(
     """Sessions admitted at once in this namespace; further ones wait with QuotaExceeded."""
     messages_per_minute: int = Field(default=60, ge=1, le=60000)
     """Messages the tenant may send per minute through the runtime's API, over all its sessions."""
-    max_pairing_streams: int = Field(default=2, ge=0, le=1000)
-    """QR Server-Sent-Event streams open at once for the tenant."""
+    max_pairing_streams: int | None = Field(default=None, ge=0, le=1000)
+    """QR Server-Sent-Event streams open at once for the tenant, at most maxSessions; absent: min(2, maxSessions)."""
     sessions_per_pod: int = Field(default=20, ge=1, le=500)
     """Sessions served by one session pod (shard)."""
     pod_resources: PodResources = PodResources(
         requests=ResourceAmounts(cpu="100m", memory="128Mi"), limits=ResourceAmounts(memory="512Mi")
     )
     """Resources of each session pod."""
+
+    @property
+    def pairing_streams_limit(self) -> int:
+        """The QR streams the tenant may hold open at once: maxPairingStreams, or when absent 2 (at most
+        maxSessions, so that a quota giving only maxSessions never breaks the rule between the two)."""
+        if self.max_pairing_streams is not None:
+            return self.max_pairing_streams
+        return min(DEFAULT_PAIRING_STREAMS, self.max_sessions)
 
 
 class QuotaAmounts(ApiModel):

@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from waso.api.base import ApiModel, ObjectMeta, Timestamp
+from waso.api.base import ApiModel, ObjectMeta, Timestamp, pattern_as_rule
 from waso.api.conditions import Condition
 
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
@@ -33,6 +33,8 @@ class Phase(StrEnum):
     DISCONNECTED = "Disconnected"
     REPAIRING = "Repairing"
     SUSPENDED = "Suspended"
+    BANNED = "Banned"
+    """WhatsApp banned the account for a while (runtime.bannedUntil says until when, when it said so)."""
     EVICTED = "Evicted"
     FAILED = "Failed"
     DELETING = "Deleting"
@@ -50,6 +52,18 @@ class RuntimeState(StrEnum):
     """The session is being deleted and its device was unlinked and its credentials erased."""
 
 
+DEVICE_NAME_PATTERN = r"^\S(.*\S)?$"
+DeviceName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=DEVICE_NAME_PATTERN,
+        json_schema_extra=pattern_as_rule(DEVICE_NAME_PATTERN, "deviceName must not begin or end with white space"),
+    ),
+]
+
+
 class Pairing(ApiModel):
     """How the device is linked to the phone the first time."""
 
@@ -62,14 +76,18 @@ class WhatsAppSessionSpec(ApiModel):
 
     phone_number: str = Field(
         pattern=E164_PATTERN,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self == oldSelf",
-                    "message": "phoneNumber is immutable: create a new WhatsAppSession for another number",
-                }
-            ]
-        },
+        max_length=16,
+        json_schema_extra=pattern_as_rule(
+            E164_PATTERN,
+            'phoneNumber must be in E.164 form such as +4915112345678 ("+", a country code not starting with 0, '
+            "7 to 15 digits in all)",
+            {
+                "rule": "self == oldSelf",
+                "message": "phoneNumber is immutable: create a new WhatsAppSession for another number",
+                "messageExpression": "'phoneNumber is immutable: it stays ' + oldSelf + ', not ' + self "
+                "+ '; create a new WhatsAppSession for another number'",
+            },
+        ),
     )
     """The account's number in E.164 form: '+', country code, number, 7 to 15 digits (+4915112345678)."""
     pairing: Pairing = Pairing()
@@ -79,7 +97,7 @@ class WhatsAppSessionSpec(ApiModel):
     higher priority are admitted first."""
     suspend: bool = False
     """Stop the session and release its admission slot while keeping its credentials."""
-    device_name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^\S(.*\S)?$")
+    device_name: DeviceName | None = None
     """The name shown in the phone's Linked devices list (default: waso)."""
 
 
@@ -126,6 +144,8 @@ class RuntimeStatus(ApiModel):
     """When the QR code now on offer expires."""
     last_error: str | None = Field(default=None, max_length=4096)
     """The last error the transport reported."""
+    banned_until: Timestamp | None = None
+    """When a temporary ban ends, when WhatsApp said so."""
 
 
 class WhatsAppSessionStatus(ApiModel):
