@@ -408,7 +408,8 @@ def test_the_pod_wide_qr_stream_cap_applies_across_sessions(world: World) -> Non
     first.close()
 
 
-def test_inbound_messages_mark_activity_coarsely(world: World) -> None:
+def test_inbound_messages_show_as_activity(world: World) -> None:
+    """The coarse granularity itself is proven on a fake clock (test_lifecycle_units)."""
     runtime = world.runtime()
     world.session()
     world.wait_state("AwaitingPairing")
@@ -418,9 +419,4 @@ def test_inbound_messages_mark_activity_coarsely(world: World) -> None:
         "POST", f"{world.simulator.url}/v1/phones/{PHONE}/inbound", {"from": "+15550001", "text": "hi"}
     )
     assert delivered.body == {"delivered": 1}
-    first = wait_for(lambda: world.runtime_status().get("lastActivityAt"), timeout=30, what="lastActivityAt")
-    writes = _metric(runtime, "waso_runtime_status_writes_total")
-    http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/inbound", {"from": "+15550001", "text": "again"})
-    time.sleep(2)
-    assert world.runtime_status()["lastActivityAt"] == first  # within 60 s: no new write
-    assert _metric(runtime, "waso_runtime_status_writes_total") == writes
+    wait_for(lambda: world.runtime_status().get("lastActivityAt"), timeout=30, what="lastActivityAt")

@@ -1,7 +1,10 @@
-"""Kubernetes API access shared by the operator and the runtime.
+"""The one way waso reaches the Kubernetes API (kopf's own watches aside).
 
-The official client is synchronous; callers run it in a bounded thread pool
-(``KubeClient.run``) so the asyncio loop never blocks on the network.
+Every request is a REST call on a path built from ``RESOURCES``, whose waso kinds come
+from the CRD definitions, so no resource name is spelled twice. The official client
+is synchronous; it runs in a bounded thread pool so the asyncio loop never blocks on
+the network, and a watch runs in a thread of its own that feeds an asyncio queue.
+Callers see dicts and ``ApiError``; none of them imports the client.
 """
 
 from __future__ import annotations
@@ -9,28 +12,67 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from waso.api.base import API_VERSION
+from waso.api.crd import DEFINITIONS
 
 T = TypeVar("T")
 
-_PLURALS = {
-    "ServiceAccount": "serviceaccounts",
-    "Service": "services",
-    "Role": "roles",
-    "RoleBinding": "rolebindings",
-    "PodDisruptionBudget": "poddisruptionbudgets",
-    "NetworkPolicy": "networkpolicies",
-    "StatefulSet": "statefulsets",
-    "Lease": "leases",
-    "Event": "events",
-    "WhatsAppSession": "whatsappsessions",
-    "TenantQuota": "tenantquotas",
+
+@dataclass(frozen=True)
+class Resource:
+    api_version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+        prefix = f"/apis/{self.api_version}" if "/" in self.api_version else f"/api/{self.api_version}"
+        scope = f"/namespaces/{namespace}" if self.namespaced and namespace else ""
+        path = f"{prefix}{scope}/{self.plural}"
+        if name:
+            path += f"/{name}"
+        return f"{path}/{subresource}" if subresource else path
+
+
+RESOURCES: dict[str, Resource] = {
+    "Namespace": Resource("v1", "namespaces", namespaced=False),
+    "ServiceAccount": Resource("v1", "serviceaccounts"),
+    "Service": Resource("v1", "services"),
+    "Pod": Resource("v1", "pods"),
+    "Event": Resource("v1", "events"),
+    "Role": Resource("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": Resource("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "PodDisruptionBudget": Resource("policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": Resource("networking.k8s.io/v1", "networkpolicies"),
+    "StatefulSet": Resource("apps/v1", "statefulsets"),
+    "Lease": Resource("coordination.k8s.io/v1", "leases"),
+    **{d.kind: Resource(API_VERSION, d.plural) for d in DEFINITIONS},
 }
+
+
+class ApiError(Exception):
+    """A refused request: ``status`` is the HTTP status (404 not found, 409 conflict, 403 forbidden ...)."""
+
+    def __init__(self, status: int, reason: str, message: str = "") -> None:
+        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+        self.status, self.reason, self.message = status, reason, message
+
+    @classmethod
+    def from_response(cls, status: int, reason: str, body: bytes | str | None) -> ApiError:
+        try:
+            message = str(json.loads(body or b"{}").get("message", ""))
+        except (ValueError, AttributeError):
+            message = str(body or "")
+        return cls(status, reason or "", message)
 
 
 def load_api_client(pool_size: int = 8) -> client.ApiClient:
@@ -47,66 +89,166 @@ def load_api_client(pool_size: int = 8) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
-def collection_path(obj: dict[str, Any]) -> str:
-    """The REST path of the collection a namespaced object belongs to."""
-    api_version, kind = obj["apiVersion"], obj["kind"]
-    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    return f"{prefix}/namespaces/{obj['metadata']['namespace']}/{_PLURALS[kind]}"
+def reference(kind: str, namespace: str, name: str) -> dict[str, Any]:
+    """The minimal object that names a resource for a patch or an apply."""
+    return {
+        "apiVersion": RESOURCES[kind].api_version,
+        "kind": kind,
+        "metadata": {"namespace": namespace, "name": name},
+    }
 
 
-def object_path(obj: dict[str, Any], subresource: str | None = None) -> str:
-    """The REST path of a namespaced object."""
-    path = f"{collection_path(obj)}/{obj['metadata']['name']}"
-    return f"{path}/{subresource}" if subresource else path
+def _object_path(obj: dict[str, Any], subresource: str | None = None, *, collection: bool = False) -> str:
+    meta = obj["metadata"]
+    name = None if collection else meta["name"]
+    return RESOURCES[obj["kind"]].path(meta.get("namespace"), name, subresource)
 
 
 class KubeClient:
-    """The synchronous client behind an asyncio facade."""
+    """Async access to the API server through the official client's connection pool."""
 
     def __init__(self, api: client.ApiClient, threads: int) -> None:
         self.api = api
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
 
-    async def run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: call(*args, **kwargs))
+    @classmethod
+    def connect(cls, threads: int = 8) -> KubeClient:
+        return cls(load_api_client(threads), threads)
 
-    def _request(
-        self, method: str, path: str, body: Any, content_type: str, query: list[tuple[str, str]]
-    ) -> dict[str, Any]:
+    async def _run(self, call: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, call, *args)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+        timeout: float | None = 30,
+        stream: bool = False,
+    ) -> Any:
         serialized = self.api.param_serialize(
             method=method,
             resource_path=path,
-            query_params=query,
+            query_params=query or [],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(*serialized)
-        data: bytes = response.read()  # type: ignore[no-untyped-call]
+        try:
+            response = self.api.call_api(*serialized, _request_timeout=timeout)
+        except ApiException as error:
+            raise ApiError.from_response(error.status or 0, error.reason or "", error.body) from None
         if not 200 <= response.status < 300:
-            raise ApiException(http_resp=response)
-        result: dict[str, Any] = json.loads(data)
+            raise ApiError.from_response(response.status, response.reason, response.read())  # type: ignore[no-untyped-call]
+        if stream:
+            return response.response
+        return json.loads(response.read())  # type: ignore[no-untyped-call]
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self._run(self._call, method, path, body, content_type, query)
         return result
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def get(self, kind: str, namespace: str | None, name: str, subresource: str | None = None) -> dict[str, Any]:
+        return await self._request("GET", RESOURCES[kind].path(namespace, name, subresource))
+
+    async def list(self, kind: str, namespace: str | None = None, label_selector: str | None = None) -> dict[str, Any]:
+        """A listing: ``items`` and ``metadata.resourceVersion`` (all namespaces when ``namespace`` is None)."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        return await self._request("GET", RESOURCES[kind].path(namespace), query=query)
+
+    async def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        label_selector: str | None = None,
+        timeout_seconds: int = 30,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Events after ``resource_version`` until the server ends the watch; bookmarks included.
+
+        A 410 Gone (the version is too old) arrives as ``ApiError(410)``: list again.
+        """
+        query = [
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        path = RESOURCES[kind].path(namespace)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, dict[str, Any]] | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def pump() -> None:
+            response = None
+            try:
+                response = self._call("GET", path, query=query, timeout=timeout_seconds + 10, stream=True)
+                for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                    if stop.is_set():
+                        break
+                    event = json.loads(line)
+                    obj = event.get("object", {})
+                    if event.get("type") == "ERROR":
+                        raise ApiError(int(obj.get("code", 500)), obj.get("reason", ""), obj.get("message", ""))
+                    loop.call_soon_threadsafe(events.put_nowait, (event["type"], obj))
+                loop.call_soon_threadsafe(events.put_nowait, None)
+            except BaseException as error:  # handed to the reader
+                loop.call_soon_threadsafe(events.put_nowait, error)
+            finally:
+                if response is not None:
+                    response.release_conn()
+
+        threading.Thread(target=pump, name=f"watch-{kind}", daemon=True).start()
+        try:
+            while True:
+                item = await events.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def create(self, obj: dict[str, Any], manager: str) -> dict[str, Any]:
+        query = [("fieldManager", manager)]
+        return await self._request("POST", _object_path(obj, collection=True), obj, query=query)
+
+    async def replace(self, obj: dict[str, Any], manager: str) -> dict[str, Any]:
+        """PUT: with ``metadata.resourceVersion`` set, a concurrent writer makes this fail with 409."""
+        return await self._request("PUT", _object_path(obj), obj, query=[("fieldManager", manager)])
 
     async def apply(self, obj: dict[str, Any], manager: str, subresource: str | None = None) -> dict[str, Any]:
         """Server-side apply, taking ownership of the fields in ``obj`` (force: we are their only writer)."""
         query = [("fieldManager", manager), ("force", "true")]
-        return await self.run(
-            self._request, "PATCH", object_path(obj, subresource), obj, "application/apply-patch+yaml", query
-        )
+        path = _object_path(obj, subresource)
+        return await self._request("PATCH", path, obj, "application/apply-patch+yaml", query)
 
     async def merge_patch(
         self, ref: dict[str, Any], patch: dict[str, Any], manager: str, subresource: str | None = None
     ) -> dict[str, Any]:
         query = [("fieldManager", manager)]
-        return await self.run(
-            self._request, "PATCH", object_path(ref, subresource), patch, "application/merge-patch+json", query
-        )
+        path = _object_path(ref, subresource)
+        return await self._request("PATCH", path, patch, "application/merge-patch+json", query)
 
-    async def create(self, obj: dict[str, Any], manager: str) -> dict[str, Any]:
-        query = [("fieldManager", manager)]
-        return await self.run(self._request, "POST", collection_path(obj), obj, "application/json", query)
+    async def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        await self._request("DELETE", RESOURCES[kind].path(namespace, name))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

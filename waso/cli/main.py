@@ -48,7 +48,7 @@ def _runtime(args: argparse.Namespace) -> int:
         problems = "\n  ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
         print(f"waso runtime: invalid configuration:\n  {problems}", file=sys.stderr)
         return 2
-    from waso.session_runtime.runtime import serve
+    from waso.session_runtime.main import serve
 
     asyncio.run(serve(config))
     return 0

@@ -7,33 +7,24 @@ with its phase, readiness, shard, device and endpoint, and the problems last.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
-from kubernetes import client
-
-from waso.api.base import GROUP, VERSION
 from waso.api.conditions import find_condition
 from waso.api.quota import TenantQuota
 from waso.api.session import WhatsAppSession
-from waso.kube import load_api_client
-from waso.operator.world import QuotaFacts, honoured_quota, quota_facts
+from waso.api.tenancy import QuotaFacts, honoured_quota, quota_facts
+from waso.kube import ApiError, KubeClient
 
 
-def gather(api: client.ApiClient, namespace: str | None, name: str | None) -> dict[str, Any]:
-    custom = client.CustomObjectsApi(api)
-
-    def listing(plural: str) -> list[dict[str, Any]]:
-        if namespace:
-            found = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-        else:
-            found = custom.list_cluster_custom_object(GROUP, VERSION, plural)
-        return cast(list[dict[str, Any]], cast(dict[str, Any], found)["items"])
-
-    sessions = [WhatsAppSession.model_validate(o) for o in listing(WhatsAppSession.PLURAL)]
-    quotas = [quota_facts(o) for o in listing(TenantQuota.PLURAL)]
+async def gather(kube: KubeClient, namespace: str | None, name: str | None) -> dict[str, Any]:
+    session_list = await kube.list(WhatsAppSession.KIND, namespace)
+    quota_list = await kube.list(TenantQuota.KIND, namespace)
+    sessions = [WhatsAppSession.model_validate(o) for o in session_list["items"]]
+    quotas = [quota_facts(o) for o in quota_list["items"]]
     if name:
         sessions = [s for s in sessions if s.metadata.name == name]
     tenants = sorted({s.metadata.namespace or "" for s in sessions} | {q.namespace for q in quotas})
@@ -112,13 +103,13 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(namespace: str | None, name: str | None, output: str) -> int:
-    api = load_api_client()
+    kube = KubeClient.connect(threads=2)
     try:
-        report = gather(api, namespace, name)
-    except client.exceptions.ApiException as error:
-        print(f"waso status: {error.status} {error.reason}", file=sys.stderr)
+        report = asyncio.run(gather(kube, namespace, name))
+    except ApiError as error:
+        print(f"waso status: {error}", file=sys.stderr)
         return 1
     finally:
-        api.close()  # type: ignore[no-untyped-call]
+        kube.close()
     print(json.dumps(report, indent=2) if output == "json" else render(report))
     return 0

@@ -6,10 +6,10 @@ events only *poke* this controller; one loop then runs a full pass: admission ov
 the whole cluster, shard placement per tenant, tenant workloads, and the status of
 every object whose desired status differs from the one stored.
 
-The ledger keeps what this process wrote and the resourceVersion the API server
-returned for it. Until the watch delivers that revision, the ledger's version of an
-object is the truth for the next pass; this is what prevents double admission when
-passes run faster than the watch.
+Statuses go through one StatusWriter per kind, which remembers what this process wrote
+and the resourceVersion the API server returned for it. Until the watch delivers that
+revision, the written status is the truth for the next pass; this is what prevents
+double admission when passes run faster than the watch.
 """
 
 from __future__ import annotations
@@ -22,30 +22,25 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
 from waso.api.base import API_VERSION, format_timestamp
-from waso.api.conditions import ConditionType, Reason, find_condition
-from waso.api.quota import TenantQuotaSpec
-from waso.api.session import CLEANUP_FINALIZER
-from waso.kube import KubeClient
+from waso.api.conditions import ConditionType, Reason, find_condition, is_true
+from waso.api.quota import TenantQuota, TenantQuotaSpec
+from waso.api.session import CLEANUP_FINALIZER, RuntimeState, WhatsAppSession, WhatsAppSessionStatus
+from waso.api.tenancy import SHARD_LABEL, QuotaFacts, honoured_quota
+from waso.kube import ApiError, KubeClient, reference
 from waso.operator import metrics
 from waso.operator.admission import Verdict, plan_admission
 from waso.operator.cleanup import Release, release_finalizer, wants_finalizer
 from waso.operator.config import OperatorConfig
+from waso.operator.events import lifecycle_events
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.resources import tenant_objects
-from waso.operator.status import (
-    DELETING,
-    OperatorStatus,
-    desired_quota_status,
-    desired_status,
-    observed_operator_status,
-    observed_quota_status,
-)
-from waso.operator.world import SHARD_LABEL, PodFacts, QuotaFacts, SessionFacts, honoured_quota
+from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part
+from waso.operator.world import PodFacts, SessionFacts
+from waso.status_writer import Outcome, StatusWriter
 
 MANAGER = "waso-operator"
 REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER_CONFLICT}
@@ -58,13 +53,28 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def own_namespace() -> str:
+    """Where the operator records Events that a tenant namespace refuses (it is being deleted)."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
 @dataclass(frozen=True)
-class Written:
-    status: OperatorStatus
-    admitted: bool
-    shard: int | None
-    has_finalizer: bool
-    resource_version: int
+class Retry:
+    """A tenant whose workload was refused: not tried again before ``at``."""
+
+    attempts: int
+    at: datetime
+
+
+def retry_after(previous: Retry | None, now: datetime, cap: float = 60.0) -> Retry:
+    attempts = (previous.attempts if previous else 0) + 1
+    return Retry(attempts, now + timedelta(seconds=min(cap, 2 ** (attempts - 1))))
 
 
 class Controller:
@@ -75,10 +85,17 @@ class Controller:
         self.sessions: Mapping[str, Iterable[SessionFacts]] = {}
         self.quotas: Mapping[str, Iterable[QuotaFacts]] = {}
         self.pods: Mapping[str, Iterable[PodFacts]] = {}
-        self.ledger: dict[str, Written] = {}
-        self.quota_ledger: dict[str, tuple[dict[str, Any], int]] = {}
+        self.session_status = StatusWriter(
+            kube, WhatsAppSession.KIND, MANAGER, on_write=metrics.STATUS_WRITES.labels(WhatsAppSession.KIND).inc
+        )
+        self.quota_status = StatusWriter(
+            kube, TenantQuota.KIND, MANAGER, on_write=metrics.STATUS_WRITES.labels(TenantQuota.KIND).inc
+        )
         self.applied_tenants: dict[str, str] = {}
+        self.tenant_retries: dict[str, Retry] = {}
         self.released: set[str] = set()
+        self.event_namespace = own_namespace()
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._writes = asyncio.Semaphore(config.write_concurrency)
         self.passes = 0
@@ -95,6 +112,16 @@ class Controller:
 
     def poke(self) -> None:
         self._wake.set()
+
+    def poke_later(self, delay: float) -> None:
+        """Another pass after ``delay`` seconds (failed writes), without spinning meanwhile."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._retry_timer is not None and self._retry_timer.when() <= due:
+            return
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._retry_timer = loop.call_at(due, self.poke)
 
     async def run(self) -> None:
         while True:
@@ -120,8 +147,7 @@ class Controller:
         now = self.clock()
         sessions = [self._effective(f) for facts in list(self.sessions.values()) for f in facts]
         present = {s.uid for s in sessions}
-        for gone in set(self.ledger) - present:
-            del self.ledger[gone]
+        self.session_status.retain({(s.namespace, s.name) for s in sessions})
         self.released &= present
         quotas_by_ns = {ns: list(qs) for ns, qs in list(self.quotas.items())}
         honoured = {ns: honoured_quota(qs) for ns, qs in quotas_by_ns.items()}
@@ -131,6 +157,8 @@ class Controller:
 
         verdicts = plan_admission(sessions, {s.uid: s.admitted for s in sessions}, limits, self.config.max_sessions)
         running = {uid: v.admitted for uid, v in verdicts.items()}
+        # A deleted session's shard runs until its runtime has unlinked the device (suspended or not).
+        served = {**running, **{s.uid: True for s in sessions if _awaits_erasure(s)}}
 
         by_tenant: dict[str, list[SessionFacts]] = defaultdict(list)
         for session in sessions:
@@ -141,8 +169,11 @@ class Controller:
             spec = self._quota_spec(honoured.get(namespace))
             tenant_shards = assign_shards(by_tenant.get(namespace, []), running, spec.sessions_per_pod)
             shards.update(tenant_shards)
-            replicas = replicas_needed(tenant_shards, running)
-            tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions=namespace in namespaces))
+            replicas = replicas_needed(tenant_shards, served)
+            retry = self.tenant_retries.get(namespace)
+            if retry is None or now >= retry.at:
+                has_sessions = namespace in namespaces
+                tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions, now))
 
         session_writes = []
         tally: Counter[tuple[str, str]] = Counter()
@@ -155,7 +186,7 @@ class Controller:
                 elif release is None and session.has_finalizer:
                     # Shown while the runtime erases the credentials; no slot is held meanwhile.
                     desired = desired_status(session, DELETING, session.shard, now, self.config.max_device_id)
-                    if desired.to_wire() != observed_operator_status(session):
+                    if desired != operator_part(session.status):
                         session_writes.append(self._write_session(session, DELETING, desired))
                 continue
             if session.uid not in verdicts:
@@ -163,12 +194,8 @@ class Controller:
             shard = shards.get(session.uid)
             pod = pods.get((session.namespace, shard)) if shard is not None else None
             desired = desired_status(session, verdicts[session.uid], shard, now, self.config.max_device_id, pod)
-            tally[(session.namespace, desired.phase.value)] += 1
-            if (
-                desired.to_wire() != observed_operator_status(session)
-                or shard != session.shard
-                or wants_finalizer(session, shard)
-            ):
+            tally[(session.namespace, desired.phase.value if desired.phase else "")] += 1
+            if desired != operator_part(session.status) or shard != session.shard or wants_finalizer(session, shard):
                 session_writes.append(self._write_session(session, verdicts[session.uid], desired))
 
         used = Counter(s.namespace for s in sessions if running.get(s.uid))
@@ -192,72 +219,65 @@ class Controller:
 
     def _effective(self, facts: SessionFacts) -> SessionFacts:
         """The session as this process last wrote it, until the watch has caught up."""
-        written = self.ledger.get(facts.uid)
-        if written is None:
+        observed = operator_part(facts.status).to_wire()
+        current = self.session_status.current(facts.namespace, facts.name, observed, facts.resource_version)
+        if current is observed or current is None:
             return facts
-        if facts.resource_version >= written.resource_version:
-            del self.ledger[facts.uid]
-            return facts
-        status = facts.status.model_copy(
-            update={
-                "phase": written.status.phase,
-                "conditions": written.status.conditions,
-                "observed_generation": written.status.observed_generation,
-                "shard": written.status.shard,
-                "endpoint": written.status.endpoint,
-                "admitted_at": written.status.admitted_at,
-            }
-        )
+        status = WhatsAppSessionStatus.model_validate({**current, "runtime": facts.status.runtime})
         return replace(
             facts,
-            admitted=written.admitted,
-            shard=written.shard,
-            has_finalizer=facts.has_finalizer or written.has_finalizer,
+            admitted=is_true(status.conditions, ConditionType.ADMITTED),
+            shard=facts.shard if facts.shard is not None else status.shard,
+            has_finalizer=facts.has_finalizer or (status.shard is not None and not facts.deleting),
             status=status,
         )
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def _write_session(self, session: SessionFacts, verdict: Verdict, desired: OperatorStatus) -> None:
-        ref = _reference("WhatsAppSession", session.namespace, session.name)
+    async def _write_session(self, session: SessionFacts, verdict: Verdict, desired: WhatsAppSessionStatus) -> None:
+        ref = reference(WhatsAppSession.KIND, session.namespace, session.name)
         async with self._writes:
-            try:
-                if (
-                    not session.deleting
-                    and desired.shard is not None
-                    and (desired.shard != session.shard or not session.has_finalizer)
-                ):
+            if (
+                not session.deleting
+                and desired.shard is not None
+                and (desired.shard != session.shard or not session.has_finalizer)
+            ):
+                try:
                     await self.kube.apply(_ownership(ref, desired.shard, finalizer=True), MANAGER)
-                result = await self.kube.merge_patch(ref, {"status": desired.to_wire()}, MANAGER, "status")
-            except ApiException as error:
-                if error.status != 404:  # deleted meanwhile: nothing to do
-                    log.warning("status write for %s failed: %s %s", session.key, error.status, error.reason)
-                    self.poke()
-                return
-            metrics.STATUS_WRITES.labels("WhatsAppSession").inc()
-            revision = int(result["metadata"]["resourceVersion"])
-            self.ledger[session.uid] = Written(
-                desired, verdict.admitted, desired.shard, desired.shard is not None, revision
+                except ApiError as error:
+                    if error.status != 404:  # deleted meanwhile: nothing to do
+                        log.warning("shard of %s not recorded: %s", session.key, error)
+                        self.poke_later(1)
+                    return
+            observed = operator_part(session.status).to_wire()
+            result = await self.session_status.write(
+                session.namespace, session.name, desired.to_wire(), observed, session.resource_version
             )
-            await self._announce(session, verdict, result)
+        if result.outcome == Outcome.FAILED:
+            self.poke_later(1)
+        if result.outcome != Outcome.WRITTEN:
+            return
+        await self._announce(session, verdict, str(result.resource_version))
+        for event in lifecycle_events(session.namespace, session.status.conditions, desired.conditions):
+            await self._event(session, event.reason, event.message, "Warning" if event.warning else "Normal", None)
 
     async def _release(self, session: SessionFacts, release: Release) -> None:
         """Let a deleted session go: drop the credentials finalizer this operator applied."""
-        ref = _reference("WhatsAppSession", session.namespace, session.name)
+        ref = reference(WhatsAppSession.KIND, session.namespace, session.name)
         async with self._writes:
             try:
                 await self.kube.apply(_ownership(ref, session.shard, finalizer=False), MANAGER)
-            except ApiException as error:
+            except ApiError as error:
                 if error.status != 404:
-                    log.warning("finalizer of %s not released: %s %s", session.key, error.status, error.reason)
-                    self.poke()
+                    log.warning("finalizer of %s not released: %s", session.key, error)
+                    self.poke_later(1)
                 return
         self.released.add(session.uid)
         log.info("%s: released (%s)", session.key, release.reason)
         if release.warning:
             await self._event(session, "CredentialsNotErased", release.reason, "Warning", None)
 
-    async def _announce(self, session: SessionFacts, verdict: Verdict, result: dict[str, Any]) -> None:
+    async def _announce(self, session: SessionFacts, verdict: Verdict, resource_version: str) -> None:
         """An Event when the admission decision changed, and the refusal counter."""
         before = find_condition(session.status.conditions, ConditionType.ADMITTED)
         if before is not None and before.reason == verdict.reason:
@@ -265,7 +285,7 @@ class Controller:
         if verdict.reason in REFUSALS:
             metrics.REFUSALS.labels(session.namespace, verdict.reason.value).inc()
         kind = "Warning" if verdict.reason in REFUSALS else "Normal"
-        await self._event(session, verdict.reason.value, verdict.message, kind, result["metadata"]["resourceVersion"])
+        await self._event(session, verdict.reason.value, verdict.message, kind, resource_version)
 
     async def _event(
         self, session: SessionFacts, reason: str, message: str, kind: str, resource_version: str | None
@@ -296,55 +316,84 @@ class Controller:
         }
         try:
             await self.kube.create(event, MANAGER)
-        except ApiException as error:
-            log.warning("event for %s not recorded: %s %s", session.key, error.status, error.reason)
+        except ApiError as error:
+            if error.status != 403 or session.namespace == self.event_namespace:
+                log.warning("event for %s not recorded: %s", session.key, error)
+                return
+            # The tenant namespace is being deleted and takes no new objects: keep the Event with the operator.
+            event["metadata"] = {
+                "generateName": f"{session.namespace}.{session.name}.",
+                "namespace": self.event_namespace,
+            }
+            try:
+                await self.kube.create(event, MANAGER)
+            except ApiError as again:
+                log.warning("event for %s not recorded: %s", session.key, again)
 
     async def _write_quota(self, quota: QuotaFacts, honoured: QuotaFacts | None, used: int, now: datetime) -> None:
-        desired = desired_quota_status(quota, honoured, used, now)
-        pending = self.quota_ledger.get(quota.uid)
-        if pending is not None and quota.resource_version < pending[1]:
-            current = pending[0]
-        else:
-            self.quota_ledger.pop(quota.uid, None)
-            current = observed_quota_status(quota)
-        if _same_status(desired, current):
-            return
-        ref = _reference("TenantQuota", quota.namespace, quota.name)
+        desired = desired_quota_status(quota, honoured, used, now).to_wire()
         async with self._writes:
-            try:
-                result = await self.kube.merge_patch(ref, {"status": desired}, MANAGER, "status")
-            except ApiException as error:
-                if error.status != 404:
-                    log.warning("status write for quota %s/%s failed: %s", quota.namespace, quota.name, error.reason)
-                    self.poke()
-                return
-        metrics.STATUS_WRITES.labels("TenantQuota").inc()
-        self.quota_ledger[quota.uid] = (desired, int(result["metadata"]["resourceVersion"]))
+            result = await self.quota_status.write(
+                quota.namespace, quota.name, desired, quota.status.to_wire(), quota.resource_version
+            )
+        if result.outcome == Outcome.FAILED:
+            self.poke_later(1)
 
-    async def _ensure_tenant(self, namespace: str, quota: TenantQuotaSpec, replicas: int, has_sessions: bool) -> None:
-        """Apply the tenant's workload objects when they differ from what this process last applied."""
-        objects = tenant_objects(namespace, quota, self.config, replicas)
+    async def _ensure_tenant(
+        self, namespace: str, quota: TenantQuotaSpec, replicas: int, has_sessions: bool, now: datetime
+    ) -> None:
+        """Apply the tenant's workload objects when they differ from what this process last applied.
+
+        Refusals back off per tenant (1 s doubling to 60 s), so a namespace being deleted,
+        which refuses new objects, costs a log line now and then instead of a busy loop.
+        """
+        objects = tenant_objects(namespace, quota, self.config, replicas, has_sessions)
         fingerprint = json.dumps(objects, sort_keys=True)
         if self.applied_tenants.get(namespace) == fingerprint:
             return
+        failures: list[ApiError] = []
         async with self._writes:
-            try:
-                for obj in objects:
+            for obj in objects:
+                try:
                     await self.kube.apply(obj, MANAGER)
-            except ApiException as error:
-                self.applied_tenants.pop(namespace, None)
-                if not has_sessions and error.status in (403, 404):
-                    return  # the namespace is gone or terminating: nothing left to scale down
-                log.warning("tenant %s workload not applied: %s %s", namespace, error.status, error.reason)
-                self.poke()
-                return
+                except ApiError as error:
+                    failures.append(error)
+                    if has_sessions:
+                        break  # in creation order: what follows needs what failed
+        self.applied_tenants.pop(namespace, None)
+        if not has_sessions and all(error.status in (403, 404) for error in failures):
+            # Gone or being deleted: every object that still exists has let go of the runtime's access.
+            self.tenant_retries.pop(namespace, None)
+            if not failures:
+                self.applied_tenants[namespace] = fingerprint
+            return
+        if failures:
+            retry = retry_after(self.tenant_retries.get(namespace), now)
+            self.tenant_retries[namespace] = retry
+            log.warning(
+                "tenant %s workload not applied (attempt %d, next in %.0f s): %s",
+                namespace, retry.attempts, (retry.at - now).total_seconds(), failures[0],
+            )  # fmt: skip
+            self.poke_later((retry.at - now).total_seconds())
+            return
+        self.tenant_retries.pop(namespace, None)
         self.applied_tenants[namespace] = fingerprint
         log.info("tenant %s: %d session pod(s)", namespace, replicas)
 
 
-def _reference(kind: str, namespace: str, name: str) -> dict[str, Any]:
-    """The minimal object that names a waso resource for a patch or an apply."""
-    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"namespace": namespace, "name": name}}
+def _awaits_erasure(session: SessionFacts) -> bool:
+    """Deleted, and its runtime has not yet unlinked the device and erased the credentials."""
+    runtime_state = session.runtime.state if session.runtime else None
+    return (
+        session.deleting
+        and session.has_finalizer
+        and session.shard is not None
+        and runtime_state
+        not in (
+            None,
+            RuntimeState.REMOVED,
+        )
+    )
 
 
 def _ownership(ref: dict[str, Any], shard: int | None, *, finalizer: bool) -> dict[str, Any]:
@@ -353,8 +402,3 @@ def _ownership(ref: dict[str, Any], shard: int | None, *, finalizer: bool) -> di
     if shard is not None:
         metadata["labels"] = {SHARD_LABEL: str(shard)}
     return {"apiVersion": ref["apiVersion"], "kind": ref["kind"], "metadata": metadata}
-
-
-def _same_status(desired: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Equal once fields set to None (absent) are dropped on both sides."""
-    return {k: v for k, v in desired.items() if v is not None} == {k: v for k, v in current.items() if v is not None}

@@ -11,11 +11,12 @@ import kopf
 from prometheus_client import start_http_server
 
 from waso.api.base import GROUP, VERSION
-from waso.kube import KubeClient, load_api_client
+from waso.api.tenancy import QuotaFacts, quota_facts
+from waso.kube import KubeClient
 from waso.operator.config import load_config
 from waso.operator.controller import Controller
 from waso.operator.resources import SELECTOR
-from waso.operator.world import PodFacts, QuotaFacts, SessionFacts, pod_facts, quota_facts, session_facts
+from waso.operator.world import PodFacts, SessionFacts, pod_facts, session_facts
 
 SESSIONS = (GROUP, VERSION, "whatsappsessions")
 QUOTAS = (GROUP, VERSION, "tenantquotas")
@@ -37,7 +38,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event is noise
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.waso.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="operator.waso.dev")
-    kube = KubeClient(load_api_client(config.write_concurrency), threads=config.write_concurrency)
+    kube = KubeClient.connect(threads=config.write_concurrency)
     memo.controller = Controller(config, kube)
     memo.kube = kube
     memo.task = asyncio.create_task(memo.controller.run(), name="waso-controller")

@@ -176,36 +176,50 @@ RUNTIME_RULES: list[dict[str, Any]] = [
         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
     },
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # Its own namespace only (a Role grants nothing elsewhere): on SIGTERM, is the tenant being deleted?
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
 ]
 
 
-def runtime_role(namespace: str) -> dict[str, Any]:
+ACCESS_FINALIZER = "waso.dev/runtime-access"
+"""On the runtime's Role and RoleBinding while the tenant has sessions: deleting the namespace removes
+them at once, but a runtime stopping in it still has to unlink its devices and report that it did."""
+
+
+def _access_meta(namespace: str, keep: bool) -> dict[str, Any]:
+    return {**_meta(RUNTIME_ACCOUNT, namespace), "finalizers": [ACCESS_FINALIZER] if keep else []}
+
+
+def runtime_role(namespace: str, keep: bool = True) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _meta(RUNTIME_ACCOUNT, namespace),
+        "metadata": _access_meta(namespace, keep),
         "rules": RUNTIME_RULES,
     }
 
 
-def runtime_role_binding(namespace: str) -> dict[str, Any]:
+def runtime_role_binding(namespace: str, keep: bool = True) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(RUNTIME_ACCOUNT, namespace),
+        "metadata": _access_meta(namespace, keep),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": RUNTIME_ACCOUNT},
         "subjects": [{"kind": "ServiceAccount", "name": RUNTIME_ACCOUNT, "namespace": namespace}],
     }
 
 
 def tenant_objects(
-    namespace: str, quota: TenantQuotaSpec, config: OperatorConfig, replicas: int
+    namespace: str, quota: TenantQuotaSpec, config: OperatorConfig, replicas: int, has_sessions: bool = True
 ) -> list[dict[str, Any]]:
-    """Everything one tenant's session pods need, in creation order."""
+    """Everything one tenant's session pods need, in creation order.
+
+    Without sessions the runtime's access is no longer held by a finalizer.
+    """
     return [
         service_account(namespace),
-        runtime_role(namespace),
-        runtime_role_binding(namespace),
+        runtime_role(namespace, has_sessions),
+        runtime_role_binding(namespace, has_sessions),
         headless_service(namespace),
         network_policy(namespace),
         disruption_budget(namespace),

@@ -7,13 +7,10 @@ nothing). ``status.runtime`` belongs to the session runtime and is only read her
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from waso.api.base import format_timestamp
 from waso.api.conditions import (
-    Condition,
     ConditionStatus,
     ConditionType,
     Progress,
@@ -21,35 +18,15 @@ from waso.api.conditions import (
     set_condition,
     set_kstatus,
 )
-from waso.api.session import Phase, RuntimeState, RuntimeStatus
+from waso.api.quota import QuotaAmounts, TenantQuotaStatus
+from waso.api.session import Phase, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.api.tenancy import QuotaFacts
 from waso.operator.admission import Verdict
 from waso.operator.health import Health, device_health
-from waso.operator.world import PodFacts, QuotaFacts, SessionFacts
+from waso.operator.world import PodFacts, SessionFacts
 
 RUNTIME_PORT = 8080
 _WAITING = {Reason.QUOTA_EXCEEDED, Reason.CAPACITY_EXCEEDED}
-
-
-@dataclass(frozen=True)
-class OperatorStatus:
-    """The fields of status that the operator owns."""
-
-    phase: Phase
-    conditions: tuple[Condition, ...]
-    observed_generation: int
-    shard: int | None
-    endpoint: str | None
-    admitted_at: datetime | None
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "phase": self.phase.value,
-            "conditions": [c.to_wire() for c in self.conditions],
-            "observedGeneration": self.observed_generation,
-            "shard": self.shard,
-            "endpoint": self.endpoint,
-            "admittedAt": format_timestamp(self.admitted_at) if self.admitted_at else None,
-        }
 
 
 def runtime_endpoint(namespace: str, name: str, shard: int) -> str:
@@ -89,8 +66,21 @@ def _connected(runtime: RuntimeStatus | None, pod: PodFacts | None) -> tuple[Con
     return "False", Reason.DISCONNECTED, f"runtime state {runtime.state.value}{detail}"
 
 
+def _banned(runtime: RuntimeStatus | None, now: datetime) -> tuple[Progress, str, str, Phase]:
+    """A ban with a known end clears by itself (Reconciling); one without needs a person (Stalled)."""
+    until = runtime.banned_until if runtime else None
+    if until is None:
+        detail = (runtime and runtime.last_error) or "temporarily banned"
+        return "Stalled", Reason.BANNED, f"{detail}; WhatsApp gave no end time", Phase.FAILED
+    if until > now:
+        message = f"temporarily banned by WhatsApp until {format_timestamp(until)}; the runtime reconnects then"
+    else:
+        message = f"the ban ended at {format_timestamp(until)}; reconnecting"
+    return "Reconciling", Reason.BANNED, message, Phase.BANNED
+
+
 def _summary(
-    verdict: Verdict, runtime: RuntimeStatus | None, health: Health, pod: PodFacts | None
+    verdict: Verdict, runtime: RuntimeStatus | None, health: Health, pod: PodFacts | None, now: datetime
 ) -> tuple[Progress, str, str, Phase]:
     if verdict.reason == Reason.PHONE_NUMBER_CONFLICT:
         return "Stalled", verdict.reason, verdict.message, Phase.FAILED
@@ -115,7 +105,7 @@ def _summary(
             Phase.PAIRING,
         )
     if state == RuntimeState.BANNED:
-        return "Stalled", Reason.BANNED, (runtime and runtime.last_error) or "temporarily banned", Phase.FAILED
+        return _banned(runtime, now)
     if state == RuntimeState.CONNECTED and health.healthy:
         return "Ready", Reason.READY, "connected and healthy", Phase.CONNECTED
     if state == RuntimeState.LOGGED_OUT:
@@ -135,8 +125,8 @@ def desired_status(
     now: datetime,
     max_device_id: int | None = None,
     pod: PodFacts | None = None,
-) -> OperatorStatus:
-    """``pod`` is the session pod of ``shard``, when one exists."""
+) -> WhatsAppSessionStatus:
+    """The operator's part of the status (all but ``runtime``); ``pod`` is the session pod of ``shard``."""
     generation = facts.generation
     runtime = facts.runtime
     health = device_health(runtime, max_device_id)
@@ -151,38 +141,32 @@ def desired_status(
     put(ConditionType.CONNECTED, *_connected(runtime, pod))
     healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
     put(ConditionType.DEVICE_HEALTHY, healthy, health.reason, health.message)
-    progress, reason, message, phase = _summary(verdict, runtime, health, pod)
+    progress, reason, message, phase = _summary(verdict, runtime, health, pod, now)
     conditions = set_kstatus(conditions, progress, reason, message, observed_generation=generation, now=now)
 
     admitted_at = facts.status.admitted_at
     if verdict.admitted and (not facts.admitted or admitted_at is None):
         admitted_at = now
-    return OperatorStatus(
-        phase=phase,
-        conditions=conditions,
-        observed_generation=generation,
-        shard=shard,
-        endpoint=runtime_endpoint(facts.namespace, facts.name, shard) if shard is not None else None,
-        admitted_at=admitted_at,
+    return operator_part(facts.status).model_copy(
+        update={
+            "phase": phase,
+            "conditions": conditions,
+            "observed_generation": generation,
+            "shard": shard,
+            "endpoint": runtime_endpoint(facts.namespace, facts.name, shard) if shard is not None else None,
+            "admitted_at": admitted_at,
+        }
     )
 
 
-def observed_operator_status(facts: SessionFacts) -> dict[str, Any]:
-    """The operator-owned fields as currently stored, in the same shape as OperatorStatus.to_wire()."""
-    status = facts.status
-    return {
-        "phase": status.phase.value if status.phase else None,
-        "conditions": [c.to_wire() for c in status.conditions],
-        "observedGeneration": status.observed_generation,
-        "shard": status.shard,
-        "endpoint": status.endpoint,
-        "admittedAt": format_timestamp(status.admitted_at) if status.admitted_at else None,
-    }
+def operator_part(status: WhatsAppSessionStatus) -> WhatsAppSessionStatus:
+    """The fields of a session's status that the operator owns: all but ``runtime``."""
+    return status.model_copy(update={"runtime": None})
 
 
 def desired_quota_status(
     quota: QuotaFacts, honoured: QuotaFacts | None, used_sessions: int, now: datetime
-) -> dict[str, Any]:
+) -> TenantQuotaStatus:
     """Status of one TenantQuota: usage when it is the one in force, Conflict when an older one is."""
     conditions = quota.status.conditions
     generation = quota.generation
@@ -199,8 +183,8 @@ def desired_quota_status(
         conditions = set_kstatus(
             conditions, "Ready", Reason.HONOURED, "in force", observed_generation=generation, now=now
         )
-        hard: dict[str, Any] | None = {"sessions": quota.spec.max_sessions}
-        used: dict[str, Any] | None = {"sessions": used_sessions}
+        hard: QuotaAmounts | None = QuotaAmounts(sessions=quota.spec.max_sessions)
+        used: QuotaAmounts | None = QuotaAmounts(sessions=used_sessions)
     else:
         message = f"TenantQuota {honoured.name} is older and is the one in force; delete this one"
         conditions = set_condition(
@@ -216,19 +200,4 @@ def desired_quota_status(
             conditions, "Stalled", Reason.OLDER_QUOTA_EXISTS, message, observed_generation=generation, now=now
         )
         hard = used = None
-    return {
-        "hard": hard,
-        "used": used,
-        "conditions": [c.to_wire() for c in conditions],
-        "observedGeneration": generation,
-    }
-
-
-def observed_quota_status(quota: QuotaFacts) -> dict[str, Any]:
-    status = quota.status
-    return {
-        "hard": status.hard.to_wire() if status.hard else None,
-        "used": status.used.to_wire() if status.used else None,
-        "conditions": [c.to_wire() for c in status.conditions],
-        "observedGeneration": status.observed_generation,
-    }
+    return TenantQuotaStatus(hard=hard, used=used, conditions=conditions, observed_generation=generation)

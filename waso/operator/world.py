@@ -12,10 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from waso.api.conditions import ConditionType, find_condition
-from waso.api.quota import TenantQuota, TenantQuotaSpec, TenantQuotaStatus
 from waso.api.session import CLEANUP_FINALIZER, RuntimeStatus, WhatsAppSession, WhatsAppSessionStatus
-
-SHARD_LABEL = "waso.dev/shard"
+from waso.api.tenancy import SHARD_LABEL, revision
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def session_facts(body: Mapping[str, Any]) -> SessionFacts:
         suspend=session.spec.suspend,
         created=meta.creation_timestamp,
         generation=meta.generation or 0,
-        resource_version=_revision(meta.resource_version),
+        resource_version=revision(meta.resource_version),
         deleting=meta.deletion_timestamp is not None,
         deleting_since=meta.deletion_timestamp,
         has_finalizer=CLEANUP_FINALIZER in (meta.finalizers or []),
@@ -123,59 +121,3 @@ def pod_facts(body: Mapping[str, Any]) -> PodFacts | None:
         restarts=sum(int(c.get("restartCount", 0)) for c in containers),
         memory_limit=next((limit for limit in limits if limit), None),
     )
-
-
-@dataclass(frozen=True)
-class QuotaFacts:
-    uid: str
-    namespace: str
-    name: str
-    created: datetime
-    generation: int
-    resource_version: int
-    spec: TenantQuotaSpec
-    status: TenantQuotaStatus
-
-    @property
-    def age_order(self) -> tuple[datetime, str]:
-        return (self.created, self.name)
-
-
-def quota_facts(body: Mapping[str, Any]) -> QuotaFacts:
-    quota = TenantQuota.model_validate(dict(body))
-    meta = quota.metadata
-    assert meta.uid is not None
-    assert meta.namespace is not None
-    assert meta.creation_timestamp is not None
-    return QuotaFacts(
-        uid=meta.uid,
-        namespace=meta.namespace,
-        name=meta.name,
-        created=meta.creation_timestamp,
-        generation=meta.generation or 0,
-        resource_version=_revision(meta.resource_version),
-        spec=quota.spec,
-        status=quota.status or TenantQuotaStatus(),
-    )
-
-
-def _revision(resource_version: str | None) -> int:
-    """etcd-backed API servers issue numeric, increasing resourceVersions; anything else reads as 0."""
-    return int(resource_version) if resource_version and resource_version.isdigit() else 0
-
-
-def honoured_quota(quotas: list[QuotaFacts]) -> QuotaFacts | None:
-    """The oldest quota of a namespace is the one in force."""
-    return min(quotas, key=lambda q: q.age_order, default=None)
-
-
-__all__ = [
-    "SHARD_LABEL",
-    "PodFacts",
-    "QuotaFacts",
-    "SessionFacts",
-    "honoured_quota",
-    "pod_facts",
-    "quota_facts",
-    "session_facts",
-]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,15 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from waso.api.session import E164_PATTERN, RuntimeState
 from waso.session_runtime import metrics
+from waso.session_runtime.lifecycle import qr_payload
 from waso.session_runtime.ratelimit import RateLimiterUnavailable
-from waso.session_runtime.supervisor import qr_payload
+from waso.session_runtime.runtime import Runtime
+from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import TransportError
 
-if TYPE_CHECKING:
-    from waso.session_runtime.runtime import Runtime
-    from waso.session_runtime.supervisor import SessionSupervisor
-
-RUNTIME_KEY = web.AppKey("runtime", object)
+RUNTIME_KEY = web.AppKey("runtime", Runtime)
 STREAMS_KEY = web.AppKey("qr_streams", dict)
 
 
@@ -42,7 +40,7 @@ def _error(status: type[web.HTTPException], message: str, **headers: str) -> web
 
 
 def _runtime(request: web.Request) -> Runtime:
-    return request.app[RUNTIME_KEY]  # type: ignore[return-value]
+    return request.app[RUNTIME_KEY]
 
 
 def _session(request: web.Request) -> SessionSupervisor:
@@ -87,7 +85,7 @@ async def qr_stream(request: web.Request) -> web.StreamResponse:
     if not supervisor.wanted.is_set():
         raise _error(web.HTTPConflict, "the session is not running (not admitted or suspended)")
     streams: dict[str, int] = request.app[STREAMS_KEY]
-    tenant_cap = runtime.tenant_quota.max_pairing_streams
+    tenant_cap = runtime.tenant_quota.pairing_streams_limit
     if streams["pod"] >= runtime.config.max_qr_streams:
         metrics.QR_REFUSED.labels("pod").inc()
         raise _error(
@@ -183,7 +181,7 @@ async def send_message(request: web.Request) -> web.Response:
         message_id = await transport.send_text(message.to, message.text)
     except TransportError as error:
         raise _error(web.HTTPServiceUnavailable, f"not sent: {error}") from None
-    supervisor.touch()
+    await supervisor.touch()
     metrics.MESSAGES.labels(tenant).inc()
     return web.json_response({"id": message_id}, status=202)
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
-from waso.kube import KubeClient
+from waso.kube import ApiError, KubeClient
 from waso.session_runtime.leases import LeaseAction, LeaseView, lease_action
 
 log = logging.getLogger("waso.runtime")
+MANAGER = "waso-runtime"
 
 
 def session_lease_name(session: str) -> str:
@@ -24,44 +23,54 @@ class LeaseKeeper:
         self, kube: KubeClient, namespace: str, identity: str, duration_seconds: int, clock: Callable[[], datetime]
     ) -> None:
         self.kube = kube
-        self.api = client.CoordinationV1Api(kube.api)
         self.namespace = namespace
         self.identity = identity
         self.duration = duration_seconds
         self.clock = clock
 
+    async def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.kube.get("Lease", self.namespace, name)
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            return None
+
     async def hold(self, name: str) -> datetime | None:
         """Acquire or renew ``name``; the time of the successful write, or None if another holder has it."""
         now = self.clock()
-        try:
-            lease = await self.kube.run(self.api.read_namespaced_lease, name, self.namespace)
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            lease = None
+        lease = await self._read(name)
+        previous: dict[str, Any] = (lease or {}).get("spec") or {}
         view = None
         if lease is not None:
-            spec = lease.spec or client.V1LeaseSpec()
-            view = LeaseView(spec.holder_identity, spec.renew_time, spec.lease_duration_seconds)
+            renew = previous.get("renewTime")
+            view = LeaseView(
+                previous.get("holderIdentity"),
+                _parse_micro_time(renew) if renew else None,
+                previous.get("leaseDurationSeconds"),
+            )
         action = lease_action(view, self.identity, now)
         if action == LeaseAction.WAIT:
             return None
-        previous = lease.spec if lease is not None and lease.spec is not None else client.V1LeaseSpec()
-        spec = client.V1LeaseSpec(
-            holder_identity=self.identity,
-            lease_duration_seconds=self.duration,
-            renew_time=now,
-            acquire_time=previous.acquire_time if action == LeaseAction.RENEW else now,
-            lease_transitions=(previous.lease_transitions or 0) + (action == LeaseAction.TAKE),
-        )
+        spec = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": self.duration,
+            "renewTime": _micro_time(now),
+            "acquireTime": previous.get("acquireTime") if action == LeaseAction.RENEW else _micro_time(now),
+            "leaseTransitions": (previous.get("leaseTransitions") or 0) + (action == LeaseAction.TAKE),
+        }
         try:
             if lease is None:
-                body = client.V1Lease(metadata=client.V1ObjectMeta(name=name, namespace=self.namespace), spec=spec)
-                await self.kube.run(self.api.create_namespaced_lease, self.namespace, body)
+                body = {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {"name": name, "namespace": self.namespace},
+                }
+                await self.kube.create({**body, "spec": spec}, MANAGER)
             else:
-                lease.spec = spec  # carries metadata.resourceVersion: a concurrent writer makes this fail
-                await self.kube.run(self.api.replace_namespaced_lease, name, self.namespace, lease)
-        except ApiException as error:
+                # metadata carries the resourceVersion read: a concurrent writer makes this fail with 409
+                await self.kube.replace({**lease, "spec": spec}, MANAGER)
+        except ApiError as error:
             if error.status in (409, 422):
                 return None  # someone else wrote first
             raise
@@ -72,12 +81,21 @@ class LeaseKeeper:
     async def release(self, name: str) -> None:
         """Give the lease up so that another runtime need not wait for it to expire."""
         try:
-            lease = await self.kube.run(self.api.read_namespaced_lease, name, self.namespace)
-            if lease.spec is None or lease.spec.holder_identity != self.identity:
+            lease = await self._read(name)
+            spec = (lease or {}).get("spec") or {}
+            if lease is None or spec.get("holderIdentity") != self.identity:
                 return
-            lease.spec.holder_identity = None
-            lease.spec.renew_time = None
-            await self.kube.run(self.api.replace_namespaced_lease, name, self.namespace, lease)
-        except ApiException as error:
+            spec = {k: v for k, v in spec.items() if k not in ("holderIdentity", "renewTime")}
+            await self.kube.replace({**lease, "spec": spec}, MANAGER)
+        except ApiError as error:
             if error.status not in (404, 409):
-                log.warning("lease %s not released: %s %s", name, error.status, error.reason)
+                log.warning("lease %s not released: %s", name, error)
+
+
+def _micro_time(value: datetime) -> str:
+    """metav1.MicroTime: RFC 3339 with microseconds."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_micro_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))

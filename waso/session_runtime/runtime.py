@@ -12,31 +12,25 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import signal
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
-from kubernetes import client, watch
-from kubernetes.client.exceptions import ApiException
 
-from waso.api.base import API_VERSION, GROUP, VERSION
 from waso.api.conditions import ConditionType, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
-from waso.api.session import CLEANUP_FINALIZER, RuntimeState, WhatsAppSession
-from waso.kube import KubeClient, load_api_client
-from waso.operator.world import SHARD_LABEL, honoured_quota, quota_facts
+from waso.api.session import CLEANUP_FINALIZER, RuntimeState, RuntimeStatus, WhatsAppSession
+from waso.api.tenancy import SHARD_LABEL, honoured_quota, quota_facts, revision
+from waso.kube import ApiError, KubeClient
 from waso.session_runtime import metrics
 from waso.session_runtime.config import RuntimeConfig
-from waso.session_runtime.lease_keeper import LeaseKeeper
+from waso.session_runtime.lease_keeper import MANAGER, LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import SessionIdentity, Transport, TransportError
+from waso.status_writer import StatusWriter
 
-MANAGER = "waso-runtime"
 log = logging.getLogger("waso.runtime")
 
 
@@ -46,36 +40,32 @@ def wants_running(session: WhatsAppSession) -> bool:
 
 
 class StatusReporter:
-    """Applies status.runtime when it differs from what this process applied last."""
+    """Writes status.runtime of this namespace's sessions through one StatusWriter, one write at a time per session.
+
+    ``observe`` records what the watch delivered, so a report compares against what the
+    API server holds (not against what this process believes it wrote last).
+    """
 
     def __init__(self, kube: KubeClient, namespace: str) -> None:
-        self.kube = kube
         self.namespace = namespace
-        self.applied: dict[str, dict[str, Any]] = {}
+        self.writer = StatusWriter(kube, WhatsAppSession.KIND, MANAGER, "runtime", metrics.STATUS_WRITES.inc)
+        self.observed: dict[str, tuple[int, dict[str, Any] | None]] = {}
         self.locks: dict[str, asyncio.Lock] = {}
 
-    async def __call__(self, name: str, runtime: dict[str, Any]) -> None:
-        lock = self.locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            if self.applied.get(name) == runtime:
-                return
-            body = {
-                "apiVersion": API_VERSION,
-                "kind": "WhatsAppSession",
-                "metadata": {"name": name, "namespace": self.namespace},
-                "status": {"runtime": runtime},
-            }
-            try:
-                await self.kube.apply(body, MANAGER, "status")
-            except ApiException as error:
-                if error.status != 404:
-                    log.warning("status of %s not written: %s %s", name, error.status, error.reason)
-                return
-            metrics.STATUS_WRITES.inc()
-            self.applied[name] = runtime
+    def observe(self, session: WhatsAppSession) -> None:
+        runtime = session.status.runtime if session.status else None
+        wire = runtime.to_wire() if runtime else None
+        self.observed[session.metadata.name] = (revision(session.metadata.resource_version), wire)
+
+    async def __call__(self, name: str, runtime: RuntimeStatus) -> None:
+        async with self.locks.setdefault(name, asyncio.Lock()):
+            observed_revision, observed = self.observed.get(name, (0, None))
+            await self.writer.write(self.namespace, name, runtime.to_wire(), observed, observed_revision)
 
     def forget(self, name: str) -> None:
-        self.applied.pop(name, None)
+        self.observed.pop(name, None)
+        self.locks.pop(name, None)
+        self.writer.forget(self.namespace, name)
 
 
 class Runtime:
@@ -92,7 +82,6 @@ class Runtime:
         """The namespace's TenantQuota in force (the oldest), else the operator's default."""
         self.synced = asyncio.Event()
         self.heartbeat_ok = False
-        self.stopping = threading.Event()
         self.limiter: MemoryRateLimiter | RedisRateLimiter = (
             RedisRateLimiter(config.redis_url, config.rate_limit_fail == "open")
             if config.redis_url
@@ -124,6 +113,7 @@ class Runtime:
                 self._tasks.append(asyncio.create_task(self._retire(name, supervisor)))
             return
         session = WhatsAppSession.model_validate(obj)
+        self.reporter.observe(session)
         supervisor = self.sessions.get(name)
         if supervisor is None:
             identity = SessionIdentity(
@@ -138,26 +128,45 @@ class Runtime:
             supervisor.start()
         supervisor.want(wants_running(session))
         deleting = session.metadata.deletion_timestamp is not None
-        if deleting and CLEANUP_FINALIZER in (session.metadata.finalizers or []) and name not in self.erasing:
-            self.erasing.add(name)
-            self._tasks.append(asyncio.create_task(self._erase(name, supervisor)))
+        if deleting and CLEANUP_FINALIZER in (session.metadata.finalizers or []):
+            self._start_erasing(name, supervisor)
+        elif supervisor.holds_lease():
+            # Someone else's write (or a stale one) may show; the holder puts the truth back.
+            self._tasks.append(asyncio.create_task(supervisor.report()))
+
+    def _start_erasing(self, name: str, supervisor: SessionSupervisor) -> asyncio.Task[None] | None:
+        if name in self.erasing:
+            return None
+        self.erasing.add(name)
+        task = asyncio.create_task(self._erase(name, supervisor), name=f"erase:{name}")
+        self._tasks.append(task)
+        return task
 
     async def _erase(self, name: str, supervisor: SessionSupervisor) -> None:
         """A deleted session: disconnect, unlink the device at WhatsApp, erase the store, report Removed."""
         await supervisor.close()
         lease = supervisor.lease_name
-        if await self.leases.hold(lease) is None:
+        try:
+            held = await self.leases.hold(lease) is not None
+        except ApiError as error:
+            # A namespace being deleted refuses new objects, a Lease included: nobody else can start it.
+            held = error.status == 403
+            if not held:
+                log.warning("%s: lease not readable (%s); not erasing now", name, error)
+                self.erasing.discard(name)
+                return
+        if not held:
             log.info("%s: another runtime holds the session; it erases the credentials", name)
             return
-        error = None
+        problem = None
         try:
             await self.make_transport(supervisor.identity).unlink()
         except TransportError as failure:
-            error = f"{failure}; credentials erased on this volume only"
-            log.warning("%s: %s", name, error)
+            problem = f"{failure}; credentials erased on this volume only"
+            log.warning("%s: %s", name, problem)
         shutil.rmtree(supervisor.identity.store_dir, ignore_errors=True)
+        await self.reporter(name, RuntimeStatus(state=RuntimeState.REMOVED, last_error=problem))
         await self.leases.release(lease)
-        await self.reporter(name, {"state": RuntimeState.REMOVED.value, **({"lastError": error} if error else {})})
         log.info("%s: device unlinked and credentials erased", name)
 
     async def _retire(self, name: str, supervisor: SessionSupervisor) -> None:
@@ -174,56 +183,40 @@ class Runtime:
             self._on_session("MODIFIED", item)
         self.synced.set()
 
-    def _watch_sessions(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Runs in a thread: list, then watch from the list's resourceVersion; relist after 410 Gone."""
-        custom = client.CustomObjectsApi(self.kube.api)
+    async def _watch_sessions(self) -> None:
+        """List, then watch from the list's resourceVersion; list again after 410 Gone or a failure."""
         selector = f"{SHARD_LABEL}={self.config.shard_index}"
         resource_version: str | None = None
-        while not self.stopping.is_set():
+        while True:
             try:
                 if resource_version is None:
-                    listing: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
-                        GROUP, VERSION, self.namespace, "whatsappsessions", label_selector=selector
-                    )
+                    listing = await self.kube.list(WhatsAppSession.KIND, self.namespace, selector)
                     resource_version = listing["metadata"]["resourceVersion"]
-                    loop.call_soon_threadsafe(self._on_sync, listing["items"])
-                stream = watch.Watch()  # type: ignore[no-untyped-call]
-                for event in stream.stream(  # type: ignore[no-untyped-call]
-                    custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, "whatsappsessions",
-                    label_selector=selector, resource_version=resource_version, timeout_seconds=30,
-                    allow_watch_bookmarks=True,
-                ):  # fmt: skip
-                    obj = event["object"]
+                    self._on_sync(listing["items"])
+                events = self.kube.watch(WhatsAppSession.KIND, self.namespace, resource_version, selector)
+                async for kind, obj in events:
                     resource_version = obj["metadata"]["resourceVersion"]
-                    if event["type"] != "BOOKMARK":
-                        loop.call_soon_threadsafe(self._on_session, event["type"], obj)
-                    if self.stopping.is_set():
-                        stream.stop()  # type: ignore[no-untyped-call]
-            except ApiException as error:
-                if error.status == 410:
-                    resource_version = None
-                else:
-                    log.warning("session watch failed: %s %s", error.status, error.reason)
-                    self.stopping.wait(2)
-            except Exception as error:
+                    if kind != "BOOKMARK":
+                        self._on_session(kind, obj)
+            except ApiError as error:
+                resource_version = None
+                if error.status != 410:
+                    log.warning("session watch failed: %s", error)
+                    await asyncio.sleep(2)
+            except (OSError, ValueError, TimeoutError) as error:
+                resource_version = None
                 log.warning("session watch failed: %s", error)
-                self.stopping.wait(2)
+                await asyncio.sleep(2)
 
     async def _poll_quota(self) -> None:
         """The namespace's TenantQuota (oldest wins), re-read periodically: it changes rarely."""
-        custom = client.CustomObjectsApi(self.kube.api)
         while True:
             try:
-                listing = cast(
-                    dict[str, Any],
-                    await self.kube.run(
-                        custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, TenantQuota.PLURAL
-                    ),
-                )
+                listing = await self.kube.list(TenantQuota.KIND, self.namespace)
                 honoured = honoured_quota([quota_facts(item) for item in listing["items"]])
                 self.tenant_quota = honoured.spec if honoured is not None else self.config.default_quota
-            except ApiException as error:
-                log.warning("TenantQuota not readable: %s %s", error.status, error.reason)
+            except (ApiError, OSError) as error:
+                log.warning("TenantQuota not readable: %s", error)
             await asyncio.sleep(self.config.quota_refresh_seconds)
 
     async def _heartbeat(self) -> None:
@@ -240,48 +233,40 @@ class Runtime:
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession()
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=self._watch_sessions, args=(loop,), name="session-watch", daemon=True).start()
-        self._tasks += [asyncio.create_task(self._poll_quota()), asyncio.create_task(self._heartbeat())]
+        self._tasks += [
+            asyncio.create_task(self._watch_sessions(), name="session-watch"),
+            asyncio.create_task(self._poll_quota(), name="quota"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+
+    async def _namespace_terminating(self) -> bool:
+        try:
+            namespace = await self.kube.get("Namespace", None, self.namespace)
+        except (ApiError, OSError) as error:
+            log.warning("namespace %s not readable: %s", self.namespace, error)
+            return False
+        return namespace["metadata"].get("deletionTimestamp") is not None
 
     async def stop(self) -> None:
-        """Disconnect every socket, release every lease, write the final status."""
-        self.stopping.set()
-        await asyncio.gather(*(s.close() for s in self.sessions.values()), return_exceptions=True)
+        """Disconnect every socket, release every lease, write the final status.
+
+        When the tenant's namespace is being deleted, the sessions die with it and nothing
+        would unlink their devices later: this runtime unlinks and erases them now, within
+        the pod's grace period.
+        """
+        if await self._namespace_terminating():
+            log.info("namespace %s is being deleted: unlinking %d session(s)", self.namespace, len(self.sessions))
+            erasing = [self._start_erasing(name, s) for name, s in self.sessions.items()]
+            await asyncio.gather(*(t for t in erasing if t is not None), return_exceptions=True)
+        erasing_now = [t for t in self._tasks if t.get_name().startswith("erase:") and not t.done()]
+        await asyncio.gather(*erasing_now, return_exceptions=True)
         for task in self._tasks:
-            task.cancel()
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*(s.close() for s in self.sessions.values()), return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.leases.release(f"waso-runtime-{self.config.pod_name}")
         if self.http is not None:
             await self.http.close()
         if isinstance(self.limiter, RedisRateLimiter):
             await self.limiter.close()
-
-
-async def serve(config: RuntimeConfig) -> None:
-    from aiohttp import web
-
-    from waso.session_runtime.http import build_app
-
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(config.executor_threads, thread_name_prefix="transport"))
-    kube = KubeClient(load_api_client(16), threads=16)
-    runtime = Runtime(config, kube)
-    await runtime.start()
-    app = build_app(runtime)
-    runner = web.AppRunner(app, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, config.http_host, config.http_port)
-    await site.start()
-    log.info(
-        "runtime for %s shard %d on %s:%d (transport %s), instance %s",
-        config.namespace, config.shard_index, config.http_host, config.http_port, config.transport, config.instance,
-    )  # fmt: skip
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping: disconnecting %d session(s)", len(runtime.sessions))
-    await runtime.stop()
-    await runner.cleanup()
-    kube.close()

@@ -86,6 +86,8 @@ class SimulatorTransport(Transport):
             expires = datetime.now(UTC) + timedelta(seconds=float(frame.get("expiresIn", 20)))
             self.events.put_nowait(QrCode(frame["code"], expires))
         elif kind == "paired":
+            if self._credentials() is not None:
+                return None  # one link per pairing: stored credentials are never replaced
             self._save({**frame["credentials"], "jid": frame["jid"]})
             self.events.put_nowait(Paired(frame["jid"]))
         elif kind == "connected":

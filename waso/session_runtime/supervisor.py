@@ -1,9 +1,11 @@
 """One supervisor per session: lease, connect, follow the transport's events, back off, report.
 
-The supervisor owns the session's lifecycle on this pod. It connects only while it
-holds the session's Lease (never two live sockets on one credential), reconnects with
-jittered exponential back-off (no busy loop when WhatsApp is unreachable), and reports
-``status.runtime`` through the reporter, which writes only changes.
+The supervisor carries out the session's state machine (``lifecycle.step``) on this pod.
+It connects only while it holds the session's Lease (never two live sockets on one
+credential) and reports ``status.runtime`` only while it holds it too: a standby or a
+process whose lease lapsed never writes, and a new holder reports the true state as
+soon as it acts. It reconnects with jittered exponential back-off (no busy loop when
+WhatsApp is unreachable).
 """
 
 from __future__ import annotations
@@ -13,30 +15,25 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from waso.api.base import format_timestamp
-from waso.api.jid import parse_jid
-from waso.api.session import RuntimeState
+from waso.api.session import RuntimeState, RuntimeStatus
 from waso.session_runtime.lease_keeper import session_lease_name
 from waso.session_runtime.leases import still_held
-from waso.session_runtime.transport import (
-    Connected,
-    Disconnected,
-    IncomingMessage,
-    LoggedOut,
-    Paired,
-    QrCode,
-    SessionIdentity,
-    StreamReplaced,
-    TemporaryBan,
-    Transport,
-    TransportEvent,
+from waso.session_runtime.lifecycle import (
+    Activity,
+    Connecting,
+    Event,
+    Notify,
+    SessionView,
+    Stopped,
+    runtime_status,
+    step,
 )
+from waso.session_runtime.transport import QrCode, SessionIdentity, Transport
 
 log = logging.getLogger("waso.runtime")
-ACTIVITY_GRANULARITY = timedelta(seconds=60)
 
 
 class Backoff:
@@ -66,11 +63,13 @@ class Leases(Protocol):
     async def release(self, name: str) -> None: ...
 
 
-Reporter = Callable[[str, dict[str, Any]], Awaitable[None]]
+Reporter = Callable[[str, RuntimeStatus], Awaitable[None]]
 Listener = asyncio.Queue[tuple[str, dict[str, Any]]]
 
 
 class SessionSupervisor:
+    """Runs one session on this runtime; reports its status only while holding the session's Lease."""
+
     def __init__(
         self,
         identity: SessionIdentity,
@@ -93,18 +92,20 @@ class SessionSupervisor:
         self.lease_lost = asyncio.Event()
         self.closing = asyncio.Event()
         self.closed = False
+        self.renewed: datetime | None = None
+        """When this process last renewed the session's Lease; None while it does not hold it."""
         self.transport: Transport | None = None
         self.listeners: set[Listener] = set()
-        self.state = RuntimeState.STOPPED
-        self.jid: str | None = None
-        self.stored_jid: str | None = None
-        self.push_name: str | None = None
-        self.connected_at: datetime | None = None
-        self.last_activity: datetime | None = None
-        self.reported_activity: datetime | None = None
-        self.qr: QrCode | None = None
-        self.last_error: str | None = None
+        self.view = SessionView()
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> RuntimeState:
+        return self.view.state
+
+    @property
+    def qr(self) -> QrCode | None:
+        return self.view.qr
 
     # -- control ----------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class SessionSupervisor:
             self.unwanted.set()
 
     async def close(self) -> None:
-        """Disconnect, release the lease, write a final status, and end."""
+        """Disconnect, write the final status and release the lease (if held), and end."""
         self.closed = True
         self.closing.set()
         self.want(False)
@@ -128,10 +129,13 @@ class SessionSupervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
 
+    def holds_lease(self) -> bool:
+        """Fencing: only the Lease holder writes the session's status.runtime."""
+        return self.renewed is not None and still_held(self.renewed, self.leases.duration, self.clock())
+
     # -- the lifecycle ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        await self._report()
         while not self.closed:
             await _first(self.wanted.wait(), self.closing.wait())
             if self.closed:
@@ -139,8 +143,9 @@ class SessionSupervisor:
             renewed = await self._acquire()
             if renewed is None:
                 continue
+            self.renewed = renewed
             self.lease_lost.clear()
-            renewer = asyncio.create_task(self._keep_lease(renewed))
+            renewer = asyncio.create_task(self._keep_lease())
             try:
                 while self.wanted.is_set() and not self.lease_lost.is_set():
                     delay = await self._connect_once()
@@ -152,12 +157,10 @@ class SessionSupervisor:
                 renewer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewer
+                await self._apply(Stopped())  # reported while the lease is still held, never after
                 if not self.lease_lost.is_set():
                     await self.leases.release(self.lease_name)
-            self._set(RuntimeState.STOPPED)
-            self.qr = None
-            await self._report()
-        await self._report()
+                self.renewed = None
 
     async def _acquire(self) -> datetime | None:
         """Wait for the session's lease; None if the session stopped being wanted meanwhile."""
@@ -172,7 +175,7 @@ class SessionSupervisor:
             await _first(asyncio.sleep(max(1.0, self.leases.duration / 3)), self.unwanted.wait())
         return None
 
-    async def _keep_lease(self, renewed: datetime) -> None:
+    async def _keep_lease(self) -> None:
         interval = max(1.0, self.leases.duration / 3)
         while True:
             await asyncio.sleep(interval)
@@ -182,9 +185,10 @@ class SessionSupervisor:
                 log.warning("%s: lease renewal failed: %s", self.identity.name, error)
                 result = None
             if result is not None:
-                renewed = result
-            elif not still_held(renewed, self.leases.duration, self.clock()):
+                self.renewed = result
+            elif not self.holds_lease():
                 log.warning("%s: lease lost; disconnecting", self.identity.name)
+                self.renewed = None
                 self.lease_lost.set()
                 return
 
@@ -192,121 +196,58 @@ class SessionSupervisor:
         """One connection attempt; returns the delay before the next one."""
         transport = self.transport_factory(self.identity)
         self.transport = transport
-        self.stored_jid = transport.stored_jid()
-        self._set(RuntimeState.CONNECTING)
-        await self._report()
+        await self._apply(Connecting(transport.stored_jid()))
         await transport.start()
         try:
             while True:
                 event = await _first(transport.events.get(), self.unwanted.wait(), self.lease_lost.wait())
                 if event is None:
                     return 0.0
-                delay = await self._on_event(event)
+                delay = await self._apply(event)
                 if delay is not None:
                     return delay
         finally:
             self.transport = None
             await transport.stop()
 
-    async def _on_event(self, event: TransportEvent) -> float | None:
-        """Apply one transport event and report; a delay when the event ended the connection."""
-        delay = self._apply(event)
-        await self._report()
+    async def _apply(self, event: Event) -> float | None:
+        """Step the state machine, carry out its actions, report; a delay when the connection ended."""
+        before = self.view
+        self.view, actions = step(before, event, self.clock())
+        if self.view.state != before.state:
+            log.info("%s: %s%s", self.identity.name, self.view.state.value, _detail(self.view))
+        if self.view.state == RuntimeState.CONNECTED:
+            self.backoff.reset()
+        delay = None
+        for action in actions:
+            if isinstance(action, Notify):
+                self._notify(action.event, action.data)
+            else:
+                delay = max(action.minimum, self.backoff.next())
+        await self.report()
         return delay
 
-    def _apply(self, event: TransportEvent) -> float | None:
-        name = self.identity.name
-        if isinstance(event, QrCode):
-            self.qr = event
-            self._set(RuntimeState.AWAITING_PAIRING)
-            self._notify("qr", qr_payload(event))
-        elif isinstance(event, Paired):
-            self.stored_jid = event.jid
-            self.qr = None
-            self._notify("paired", {"jid": event.jid})
-        elif isinstance(event, Connected):
-            self.qr = None
-            self.jid, self.push_name = event.jid, event.push_name
-            self.connected_at = self.clock()
-            self.last_error = None
-            self.stored_jid = self.stored_jid or (self.transport.stored_jid() if self.transport else None)
-            self.backoff.reset()
-            self._set(RuntimeState.CONNECTED)
-            log.info("%s: connected as %s", name, event.jid)
-        elif isinstance(event, IncomingMessage):
-            self.touch()
-        elif isinstance(event, LoggedOut):
-            self._lost_identity(RuntimeState.LOGGED_OUT, f"logged out: {event.reason}")
-            return self.backoff.next()
-        elif isinstance(event, StreamReplaced):
-            self._disconnected(
-                RuntimeState.DISCONNECTED, "stream replaced: another client connected with these credentials"
-            )
-            return max(60.0, self.backoff.next())
-        elif isinstance(event, TemporaryBan):
-            until = event.until.isoformat() if event.until else "unknown"
-            self._disconnected(RuntimeState.BANNED, f"{event.reason} until {until}")
-            remaining = (event.until - self.clock()).total_seconds() if event.until else 60.0
-            return max(remaining, self.backoff.next())
-        elif isinstance(event, Disconnected):
-            self._disconnected(RuntimeState.DISCONNECTED, event.error)
-            return self.backoff.next()
-        return None
+    async def touch(self) -> None:
+        """A message went out: activity, reported at coarse granularity."""
+        await self._apply(Activity())
 
-    def _disconnected(self, state: RuntimeState, error: str) -> None:
-        self.last_error = error
-        self.connected_at = None
-        self.qr = None
-        self._set(state)
-        log.info("%s: %s (%s)", self.identity.name, state.value, error)
-
-    def _lost_identity(self, state: RuntimeState, error: str) -> None:
-        self.jid = None
-        self.stored_jid = None
-        self._disconnected(state, error)
-
-    async def _report(self) -> None:
-        if self.closed and self.state != RuntimeState.STOPPED:
+    async def report(self) -> None:
+        """Write status.runtime (the reporter skips what the server holds already), only as the lease holder."""
+        if not self.holds_lease():
             return
-        await self.report_to(self.identity.name, self.runtime_status())
-        self._notify("status", {"state": self.state.value, "jid": self.jid, "lastError": self.last_error})
-
-    # -- what others read -------------------------------------------------------------------
-
-    def _set(self, state: RuntimeState) -> None:
-        self.state = state
-
-    def touch(self) -> None:
-        self.last_activity = self.clock()
-
-    def runtime_status(self) -> dict[str, Any]:
-        if self.last_activity is not None and (
-            self.reported_activity is None or self.last_activity - self.reported_activity >= ACTIVITY_GRANULARITY
-        ):
-            self.reported_activity = self.last_activity
-        parsed = parse_jid(self.jid) if self.jid else None
-        connected = self.state == RuntimeState.CONNECTED
-        status: dict[str, Any] = {
-            "state": self.state.value,
-            "jid": self.jid if connected else None,
-            "deviceId": parsed.device if parsed and connected else None,
-            "storedJid": self.stored_jid,
-            "pushName": self.push_name,
-            "connectedAt": format_timestamp(self.connected_at) if self.connected_at and connected else None,
-            "lastActivityAt": format_timestamp(self.reported_activity) if self.reported_activity else None,
-            "qrExpiresAt": format_timestamp(self.qr.expires_at) if self.qr else None,
-            "lastError": self.last_error,
-        }
-        return {k: v for k, v in status.items() if v is not None}
+        await self.report_to(self.identity.name, runtime_status(self.view))
+        view = self.view
+        self._notify("status", {"state": view.state.value, "jid": view.jid, "lastError": view.last_error})
 
     def _notify(self, event: str, data: dict[str, Any]) -> None:
         for listener in list(self.listeners):
             listener.put_nowait((event, data))
 
 
-def qr_payload(qr: QrCode) -> dict[str, Any]:
-    """The data of a `qr` Server-Sent Event."""
-    return {"code": qr.code, "expiresAt": format_timestamp(qr.expires_at)}
+def _detail(view: SessionView) -> str:
+    if view.state == RuntimeState.CONNECTED:
+        return f" as {view.jid}"
+    return f" ({view.last_error})" if view.last_error and view.state != RuntimeState.STOPPED else ""
 
 
 async def _first(*awaitables: Awaitable[Any]) -> Any:

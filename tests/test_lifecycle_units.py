@@ -1,0 +1,174 @@
+"""The session state machine, the lifecycle Events and the kstatus of bans: pure functions on a fake clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from tests.test_decisions import facts
+from waso.api.conditions import ConditionType, Reason, find_condition, set_condition
+from waso.api.session import Phase, RuntimeState, RuntimeStatus
+from waso.operator.admission import ADMITTED
+from waso.operator.controller import retry_after
+from waso.operator.events import EventReason, lifecycle_events
+from waso.operator.status import desired_status
+from waso.session_runtime.lifecycle import (
+    ACTIVITY_GRANULARITY,
+    Activity,
+    Connecting,
+    Notify,
+    Reconnect,
+    SessionView,
+    Stopped,
+    runtime_status,
+    step,
+)
+from waso.session_runtime.transport import (
+    Connected,
+    Disconnected,
+    IncomingMessage,
+    LoggedOut,
+    Paired,
+    QrCode,
+    StreamReplaced,
+    TemporaryBan,
+)
+
+T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+JID = "4915112345601:53@s.whatsapp.net"
+
+
+def seconds(n: float) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def test_pairing_then_connecting_reports_the_identity() -> None:
+    view, actions = step(SessionView(), Connecting(None), T0)
+    assert view.state == RuntimeState.CONNECTING
+    assert actions == []
+    qr = QrCode("2@abc", seconds(20))
+    view, actions = step(view, qr, seconds(1))
+    assert view.state == RuntimeState.AWAITING_PAIRING
+    assert actions == [Notify("qr", {"code": "2@abc", "expiresAt": "2026-11-29T12:00:20Z"})]
+    assert runtime_status(view).qr_expires_at == seconds(20)
+    view, actions = step(view, Paired(JID), seconds(5))
+    assert view.stored_jid == JID
+    assert view.qr is None
+    assert actions == [Notify("paired", {"jid": JID})]
+    view, _ = step(view, Connected(JID, "Acme"), seconds(6))
+    status = runtime_status(view)
+    assert status.state == RuntimeState.CONNECTED
+    assert status.device_id == 53
+    assert status.connected_at == seconds(6)
+
+
+def test_a_second_paired_never_replaces_stored_credentials() -> None:
+    view = SessionView(state=RuntimeState.CONNECTED, stored_jid=JID, jid=JID)
+    after, actions = step(view, Paired("4915112345601:54@s.whatsapp.net"), T0)
+    assert after == view
+    assert actions == []
+
+
+def test_activity_is_reported_at_coarse_granularity_on_a_fake_clock() -> None:
+    view = SessionView(state=RuntimeState.CONNECTED, jid=JID)
+    view, _ = step(view, IncomingMessage("+15550001", "hi"), T0)
+    assert runtime_status(view).last_activity_at == T0
+    for later in (1, 30, 59):  # within the granularity: the reported time does not move
+        view, _ = step(view, Activity(), seconds(later))
+        assert runtime_status(view).last_activity_at == T0
+        assert view.last_activity == seconds(later)
+    view, _ = step(view, IncomingMessage("+15550001", "again"), T0 + ACTIVITY_GRANULARITY)
+    assert runtime_status(view).last_activity_at == T0 + ACTIVITY_GRANULARITY
+
+
+def test_endings_ask_for_a_reconnect_with_the_right_minimum() -> None:
+    connected = SessionView(state=RuntimeState.CONNECTED, jid=JID, stored_jid=JID, connected_at=T0)
+    view, actions = step(connected, Disconnected("socket closed"), T0)
+    assert view.state == RuntimeState.DISCONNECTED
+    assert view.connected_at is None
+    assert actions == [Reconnect()]
+    view, actions = step(connected, StreamReplaced(), T0)
+    assert actions == [Reconnect(60.0)]
+    view, actions = step(connected, LoggedOut("401"), T0)
+    assert view.state == RuntimeState.LOGGED_OUT
+    assert view.stored_jid is None
+    assert actions == [Reconnect()]
+    view, actions = step(connected, TemporaryBan(seconds(600), "banned"), T0)
+    assert view.state == RuntimeState.BANNED
+    assert actions == [Reconnect(600.0)]
+    assert runtime_status(view).banned_until == seconds(600)
+    assert view.last_error == "banned until 2026-11-29T12:10:00Z"
+    view, _ = step(view, Connected(JID, None), seconds(601))
+    assert view.banned_until is None
+    assert view.last_error is None
+    view, actions = step(view, Stopped(), seconds(700))
+    assert view.state == RuntimeState.STOPPED
+    assert actions == []
+    assert runtime_status(view).jid is None
+
+
+def _conditions(runtime: RuntimeStatus | None, now: datetime = T0) -> tuple[object, ...]:
+    return desired_status(facts("s1", shard=0, runtime=runtime), ADMITTED, 0, now).conditions
+
+
+def test_a_ban_with_an_expiry_is_reconciling_and_one_without_is_stalled() -> None:
+    banned = RuntimeStatus(state=RuntimeState.BANNED, stored_jid=JID, banned_until=seconds(600), last_error="x")
+    status = desired_status(facts("s1", shard=0, runtime=banned), ADMITTED, 0, T0)
+    assert status.phase == Phase.BANNED
+    reconciling = find_condition(status.conditions, ConditionType.RECONCILING)
+    assert reconciling is not None
+    assert reconciling.reason == Reason.BANNED
+    assert "until 2026-11-29T12:10:00Z" in reconciling.message
+    assert find_condition(status.conditions, ConditionType.STALLED) is None
+    unknown = RuntimeStatus(state=RuntimeState.BANNED, stored_jid=JID, last_error="banned")
+    status = desired_status(facts("s1", shard=0, runtime=unknown), ADMITTED, 0, T0)
+    stalled = find_condition(status.conditions, ConditionType.STALLED)
+    assert stalled is not None
+    assert stalled.reason == Reason.BANNED
+    assert status.phase == Phase.FAILED
+
+
+def _events(before: RuntimeStatus | None, after: RuntimeStatus | None) -> list[EventReason]:
+    start = desired_status(facts("s1", shard=0, runtime=before), ADMITTED, 0, T0)
+    end = desired_status(facts("s1", shard=0, runtime=after), ADMITTED, 0, seconds(5))
+    found = lifecycle_events("acme", start.conditions, end.conditions)
+    assert all(e.message.startswith("tenant acme: ") for e in found)
+    return [e.reason for e in found]
+
+
+CONNECTED = RuntimeStatus(state=RuntimeState.CONNECTED, jid=JID, device_id=53, stored_jid=JID)
+PAIRING = RuntimeStatus(state=RuntimeState.AWAITING_PAIRING)
+DISCONNECTED = RuntimeStatus(state=RuntimeState.DISCONNECTED, stored_jid=JID, last_error="socket closed")
+LOGGED_OUT = RuntimeStatus(state=RuntimeState.LOGGED_OUT, last_error="logged out: 401")
+BANNED = RuntimeStatus(state=RuntimeState.BANNED, stored_jid=JID, banned_until=seconds(600))
+MISMATCH = RuntimeStatus(
+    state=RuntimeState.CONNECTED, jid="4915112345601:54@s.whatsapp.net", device_id=54, stored_jid=JID
+)
+
+
+def test_every_lifecycle_change_has_its_event_and_nothing_else_does() -> None:
+    assert _events(PAIRING, CONNECTED) == [EventReason.PAIRED]
+    assert _events(CONNECTED, DISCONNECTED) == []
+    assert _events(DISCONNECTED, CONNECTED) == [EventReason.RECONNECTED]
+    assert _events(CONNECTED, LOGGED_OUT) == [EventReason.LOGGED_OUT]
+    assert _events(LOGGED_OUT, CONNECTED) == [EventReason.RE_PAIRED]
+    assert _events(CONNECTED, BANNED) == [EventReason.BANNED]
+    assert _events(BANNED, CONNECTED) == [EventReason.BAN_LIFTED]
+    assert _events(CONNECTED, MISMATCH) == [EventReason.IDENTITY_MISMATCH]
+    for same in (CONNECTED, PAIRING, DISCONNECTED, LOGGED_OUT, BANNED, MISMATCH, None):
+        assert _events(same, same) == []
+
+
+def test_events_are_judged_on_conditions_not_on_timestamps() -> None:
+    before = set_condition(
+        (), ConditionType.CONNECTED, "True", Reason.CONNECTED, "connected", observed_generation=1, now=T0
+    )
+    assert lifecycle_events("acme", before, before) == []
+
+
+def test_refused_tenant_workloads_back_off_to_a_minute() -> None:
+    retry = None
+    delays = []
+    for _ in range(9):
+        retry = retry_after(retry, T0)
+        delays.append((retry.at - T0).total_seconds())
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]

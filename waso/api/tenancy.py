@@ -1,0 +1,57 @@
+"""Facts shared by the operator, the session runtime and the CLI: labels, revisions, the quota in force."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from waso.api.quota import TenantQuota, TenantQuotaSpec, TenantQuotaStatus
+
+SHARD_LABEL = "waso.dev/shard"
+"""On a WhatsAppSession: the index of the tenant's session pod that serves it."""
+
+
+@dataclass(frozen=True)
+class QuotaFacts:
+    uid: str
+    namespace: str
+    name: str
+    created: datetime
+    generation: int
+    resource_version: int
+    spec: TenantQuotaSpec
+    status: TenantQuotaStatus
+
+    @property
+    def age_order(self) -> tuple[datetime, str]:
+        return (self.created, self.name)
+
+
+def quota_facts(body: Mapping[str, Any]) -> QuotaFacts:
+    quota = TenantQuota.model_validate(dict(body))
+    meta = quota.metadata
+    assert meta.uid is not None
+    assert meta.namespace is not None
+    assert meta.creation_timestamp is not None
+    return QuotaFacts(
+        uid=meta.uid,
+        namespace=meta.namespace,
+        name=meta.name,
+        created=meta.creation_timestamp,
+        generation=meta.generation or 0,
+        resource_version=revision(meta.resource_version),
+        spec=quota.spec,
+        status=quota.status or TenantQuotaStatus(),
+    )
+
+
+def revision(resource_version: str | None) -> int:
+    """etcd-backed API servers issue numeric, increasing resourceVersions; anything else reads as 0."""
+    return int(resource_version) if resource_version and resource_version.isdigit() else 0
+
+
+def honoured_quota(quotas: list[QuotaFacts]) -> QuotaFacts | None:
+    """The oldest quota of a namespace is the one in force."""
+    return min(quotas, key=lambda q: q.age_order, default=None)

@@ -1,0 +1,68 @@
+"""Which Kubernetes Events a session's status change is worth: a pure function of before and after.
+
+The operator records one Event per lifecycle change it writes (paired, connected again
+after an outage, logged out, re-paired, banned, ban lifted, identity mismatch), so
+``kubectl describe`` and ``kubectl get events`` tell a session's story. Each message
+names the tenant, because Events are read across namespaces too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from waso.api.conditions import Condition, ConditionType, Reason, find_condition
+
+
+class EventReason(StrEnum):
+    PAIRED = "Paired"
+    RE_PAIRED = "RePaired"
+    RECONNECTED = "Reconnected"
+    LOGGED_OUT = "LoggedOut"
+    BANNED = "Banned"
+    BAN_LIFTED = "BanLifted"
+    IDENTITY_MISMATCH = "IdentityMismatch"
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    reason: EventReason
+    message: str
+    warning: bool = False
+
+
+def _state(conditions: Sequence[Condition], type_: str) -> tuple[str, str, str]:
+    condition = find_condition(conditions, type_)
+    if condition is None:
+        return "Unknown", "", ""
+    return condition.status, condition.reason, condition.message
+
+
+def lifecycle_events(tenant: str, before: Sequence[Condition], after: Sequence[Condition]) -> list[LifecycleEvent]:
+    """The Events of the change from the ``before`` conditions to the ``after`` ones."""
+    events: list[LifecycleEvent] = []
+    paired_before, paired_reason_before, _ = _state(before, ConditionType.PAIRED)
+    paired_after, _, paired_message = _state(after, ConditionType.PAIRED)
+    connected_before, connected_reason_before, _ = _state(before, ConditionType.CONNECTED)
+    connected_after, connected_reason_after, connected_message = _state(after, ConditionType.CONNECTED)
+    _, healthy_reason_before, _ = _state(before, ConditionType.DEVICE_HEALTHY)
+    _, healthy_reason_after, healthy_message = _state(after, ConditionType.DEVICE_HEALTHY)
+
+    def add(reason: EventReason, message: str, warning: bool = False) -> None:
+        events.append(LifecycleEvent(reason, f"tenant {tenant}: {message}", warning))
+
+    if paired_after == "True" and paired_before != "True":
+        again = paired_reason_before == Reason.LOGGED_OUT
+        add(EventReason.RE_PAIRED if again else EventReason.PAIRED, paired_message)
+    if connected_reason_after == Reason.LOGGED_OUT and connected_reason_before != Reason.LOGGED_OUT:
+        add(EventReason.LOGGED_OUT, connected_message, warning=True)
+    if connected_reason_after == Reason.BANNED and connected_reason_before != Reason.BANNED:
+        add(EventReason.BANNED, connected_message, warning=True)
+    if connected_reason_before == Reason.BANNED and connected_reason_after != Reason.BANNED:
+        add(EventReason.BAN_LIFTED, connected_message)
+    elif connected_after == "True" and connected_before == "False" and paired_before == "True":
+        add(EventReason.RECONNECTED, connected_message)
+    if healthy_reason_after == Reason.IDENTITY_MISMATCH and healthy_reason_before != Reason.IDENTITY_MISMATCH:
+        add(EventReason.IDENTITY_MISMATCH, healthy_message, warning=True)
+    return events
