@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,14 +31,20 @@ from neonize.proto.Neonize_pb2 import JID, ConnectFailureReason, MessageInfo, Me
 from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message
 from neonize.utils.jid import build_jid
 
-from waso.session_runtime.neonize_transport import STORE_FILE, jid_text, map_event, stored_jid
+from tests.neonize_offline import FAKE_JID, FAKE_PAIR_CODE, fake_pairing_command
+from waso.session_runtime.neonize_pairing import EXIT_PARENT_GONE, KILL_GRACE
+from waso.session_runtime.neonize_transport import STORE_FILE, NeonizeTransport, jid_text, map_event, stored_jid
 from waso.session_runtime.transport import (
+    Connected,
     Disconnected,
     IncomingMessage,
     LoggedOut,
     Paired,
+    QrCode,
+    SessionIdentity,
     StreamReplaced,
     TemporaryBan,
+    TransportEvent,
 )
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -104,7 +115,18 @@ def test_each_session_gets_its_own_store_and_its_identity_is_read_without_connec
     assert [jid_text(d.JID) for d in devices] == ["4915112345601:53@s.whatsapp.net"]
 
 
+def most_attempts(seconds: float) -> int:
+    """Attempts possible in ``seconds`` with the supervisor's back-off (waits of at least half of 1 s doubling)."""
+    attempts, waited, ceiling = 1, 0.0, 1.0
+    while waited + ceiling / 2 <= seconds:
+        waited += ceiling / 2
+        attempts += 1
+        ceiling = min(60.0, ceiling * 2)
+    return attempts
+
+
 def test_connecting_without_network_ends_disconnected_with_back_off(tmp_path: Path) -> None:
+    """Never paired, so every attempt pairs in a child (real neonize) that fails to dial; nothing is left over."""
     unshare = shutil.which("unshare")
     assert unshare, "unshare (util-linux) is needed to run without network"
     result = subprocess.run(
@@ -120,9 +142,12 @@ def test_connecting_without_network_ends_disconnected_with_back_off(tmp_path: Pa
         errors = [r["lastError"] for r in outcome["reports"][name] if "lastError" in r]
         assert any("failed to dial whatsapp web websocket" in e for e in errors), errors
         assert states[-1] == "Stopped"
-        # Back-off: 8 s allow at most about 1 + 0.5 + 1 + 2 + 4 s of waiting, never a busy loop.
-        assert 2 <= outcome["attempts"][name] <= 6, outcome["attempts"]
-        assert (tmp_path / "sessions" / name / STORE_FILE).exists()  # its own store, absolute path
+        # Back-off, never a busy loop: at most one attempt more than the shortest waits allow.
+        assert 2 <= outcome["attempts"][name] <= most_attempts(outcome["elapsed"]), outcome
+        assert outcome["files"][name] == [], outcome["files"]  # no store (never paired), no pairing leftovers
+    assert outcome["workers_seen"] >= 2  # the pairing ran in child processes ...
+    assert outcome["children_left"] == []  # ... all of them ended and reaped
+    assert outcome["threads_left"] == []
     assert outcome["cpu"] < 6.0, outcome["cpu"]
 
 
@@ -137,3 +162,118 @@ def test_store_path_is_absolute_even_from_a_relative_data_dir(
     transport = NeonizeTransport(SessionIdentity("acme", name, "+4915112345601", "waso", Path("data") / name))
     assert transport.store.is_absolute()
     assert transport.store == tmp_path / "data" / name / STORE_FILE
+
+
+# -- pairing in a child process ---------------------------------------------------------------
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (Z: a zombie, not reaped); None when it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+async def until(probe: Callable[[], object], *, within: float, what: str) -> None:
+    """Poll ``probe`` until it returns something truthy, at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not (last := probe()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}; last seen: {last!r}")
+        await asyncio.sleep(0.02)
+
+
+async def next_event(transport: NeonizeTransport, within: float = 60) -> TransportEvent:
+    async with asyncio.timeout(within):
+        return await transport.events.get()
+
+
+def session(tmp_path: Path) -> SessionIdentity:
+    return SessionIdentity("acme", "s1", "+4915112345601", "waso", tmp_path / "sessions" / "s1")
+
+
+@pytest.fixture
+def child_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake pairing child imports tests.neonize_offline."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+
+@pytest.mark.usefixtures("child_path")
+@pytest.mark.parametrize("mode", ["hang", "hang-ignore-term"])
+def test_a_hanging_pairing_worker_is_ended_and_its_resources_come_back(mode: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        threads, fds = threading.active_count(), fd_count()
+        transport = NeonizeTransport(session(tmp_path), pairing_command=fake_pairing_command(mode))
+        await transport.start()
+        event = await next_event(transport)
+        assert isinstance(event, QrCode)
+        assert event.code == "fake-qr-1"
+        worker = transport.pairing_worker
+        assert worker is not None
+        assert worker.started == {"event": "started", "pid": worker.pid, "pdeathsig": signal.SIGKILL}
+        assert process_state(worker.pid) not in (None, "Z")
+        assert (tmp_path / "sessions" / "s1" / (STORE_FILE + ".pairing")).parent.is_dir()
+
+        begun = time.monotonic()
+        await transport.stop()
+        took = time.monotonic() - begun
+        if mode == "hang":
+            assert worker.returncode == -signal.SIGTERM
+            assert took < KILL_GRACE, took
+        else:  # deaf to SIGTERM: killed after the grace period
+            assert worker.returncode == -signal.SIGKILL, worker.returncode
+            assert KILL_GRACE * 0.9 <= took < KILL_GRACE + 2, took
+        assert process_state(worker.pid) is None  # reaped, not a zombie
+        await until(lambda: threading.active_count() <= threads, within=5, what="the attempt's threads to end")
+        await until(lambda: fd_count() <= fds, within=5, what="the attempt's pipes to close")
+        assert list((tmp_path / "sessions" / "s1").iterdir()) == []  # its temporary store is gone
+        await transport.stop()  # idempotent
+
+    asyncio.run(scenario())
+
+
+class ConnectsOffline(NeonizeTransport):
+    """The in-process connection from stored credentials, without WhatsApp: connected as the store says."""
+
+    async def _connect_stored(self) -> None:
+        self.events.put_nowait(Connected(self.stored_jid() or "", None))
+
+
+@pytest.mark.usefixtures("child_path")
+def test_a_paired_child_hands_over_its_store_and_the_session_connects_in_process(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        transport = ConnectsOffline(session(tmp_path), pairing_command=fake_pairing_command("pair"))
+        assert transport.stored_jid() is None
+        await transport.start()
+        assert isinstance(await next_event(transport), QrCode)
+        assert await transport.request_pair_code() == FAKE_PAIR_CODE  # asked of the child over its stdin
+        assert await next_event(transport) == Paired(FAKE_JID)
+        assert await next_event(transport) == Connected(FAKE_JID, None)  # after the store was moved into place
+        worker = transport.pairing_worker
+        assert worker is not None
+        assert worker.returncode == 0
+        assert process_state(worker.pid) is None
+        assert sorted(p.name for p in (tmp_path / "sessions" / "s1").iterdir()) == [STORE_FILE]
+        assert transport.stored_jid() == FAKE_JID
+        await transport.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_pairing_worker_dies_with_its_parent(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.neonize_offline", "orphan", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["pdeathsig"] == signal.SIGKILL
+    assert outcome["reaped"], outcome
+    assert outcome["seconds"] < 5, outcome
+    # The death signal, or (should the child see its stdin close first) its own exit.
+    assert outcome["signal"] == signal.SIGKILL or outcome["exit"] == EXIT_PARENT_GONE, outcome

@@ -8,6 +8,12 @@ runtime sizes that executor); events arrive as protobuf messages from a Go threa
 The device identity lives in the ``jid`` column of ``whatsmeow_device``; reading it
 read-only tells whom a store holds without connecting. whatsmeow deletes the device
 itself on a 401 logout and does not reconnect after StreamReplaced.
+
+A session without credentials pairs in a child process (``neonize_pairing``): whatsmeow's
+QR loop outlives its timeout and no call frees the thread running it, so pairing in this
+process would leak a thread per abandoned attempt. The child pairs into a temporary
+store, exits, and is reaped; then the store is renamed into place and the session
+connects here from its credentials. ``stop()`` during pairing kills the child.
 """
 
 from __future__ import annotations
@@ -16,9 +22,18 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from waso.session_runtime.neonize_pairing import (
+    KILL_GRACE,
+    PAIR_CODE_TIMEOUT,
+    PairingWorker,
+    default_command,
+    finalize_store,
+    remove_store,
+)
 from waso.session_runtime.transport import (
     Connected,
     Disconnected,
@@ -38,6 +53,8 @@ log = logging.getLogger("waso.runtime")
 STORE_FILE = "whatsmeow.db"
 QR_LIFETIME = timedelta(seconds=20)
 PAIRING_DEADLINE = timedelta(seconds=150)
+WORKER_DEADLINE = PAIRING_DEADLINE + timedelta(seconds=30)
+"""The pairing child ends itself then, should its parent not have ended it."""
 
 
 def stored_jid(store: Any) -> str | None:
@@ -92,13 +109,19 @@ def map_event(event: Any, now: datetime) -> TransportEvent | None:
 
 
 class NeonizeTransport(Transport):
-    def __init__(self, session: SessionIdentity) -> None:
+    def __init__(self, session: SessionIdentity, pairing_command: Sequence[str] | None = None) -> None:
         super().__init__(session)
         self.store = (session.store_dir / STORE_FILE).absolute()
+        self.pairing_store = self.store.with_name(STORE_FILE + ".pairing")
+        self.pairing_command = list(pairing_command) if pairing_command is not None else default_command()
+        self.pairing_worker: PairingWorker | None = None
+        """The child of this attempt's pairing (kept after it ended, for inspection)."""
         self.client: Any = None
         self._connect_task: asyncio.Future[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._pairing_deadline: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._worker_settled = False
 
     def stored_jid(self) -> str | None:
         return stored_jid(self.store)
@@ -112,6 +135,86 @@ class NeonizeTransport(Transport):
         return NewAClient(str(self.store), props=props, uuid=f"{self.session.namespace}/{self.session.name}")
 
     async def start(self) -> None:
+        if self.stored_jid() is None:
+            await self._start_pairing()
+        else:
+            await self._connect_stored()
+
+    # -- pairing, in a child process -----------------------------------------------------------
+
+    async def _start_pairing(self) -> None:
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        remove_store(self.pairing_store)  # left by a runtime that died while pairing; no child holds it
+        self._worker_settled = False
+        try:
+            worker = await PairingWorker.spawn(
+                self.pairing_command,
+                self.pairing_store,
+                phone=self.session.phone_number,
+                device_name=self.session.device_name,
+                uuid=f"{self.session.namespace}/{self.session.name}",
+                deadline=WORKER_DEADLINE.total_seconds(),
+            )
+        except OSError as error:
+            self.events.put_nowait(Disconnected(f"cannot start the pairing worker: {error}"))
+            return
+        self.pairing_worker = worker
+        self._follower = asyncio.create_task(self._follow_pairing(worker), name=f"pairing:{self.session.name}")
+
+    def _on_worker_event(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "qr":
+            self.events.put_nowait(QrCode(str(event["code"]), datetime.now(UTC) + QR_LIFETIME))
+            if self._pairing_deadline is None:
+                self._pairing_deadline = asyncio.create_task(self._expire_pairing())
+        elif kind == "paired":
+            self.events.put_nowait(Paired(str(event["jid"])))
+
+    async def _follow_pairing(self, worker: PairingWorker) -> None:
+        try:
+            code = await worker.follow(self._on_worker_event)
+        except Exception as error:  # an unreadable child: the attempt ends, stop() kills it
+            log.warning("%s: pairing worker %d: %r", self.session.name, worker.pid, error)
+            self.events.put_nowait(Disconnected(f"pairing worker failed: {error}"))
+            return
+        if self._settle_pairing(worker) is not None:
+            await self._connect_stored()
+        elif worker.paired_jid is not None:
+            self.events.put_nowait(Disconnected("paired, but the pairing worker left no usable store"))
+        else:
+            self.events.put_nowait(Disconnected(worker.error or f"the pairing worker exited with status {code}"))
+
+    def _settle_pairing(self, worker: PairingWorker) -> str | None:
+        """Once the child is reaped: its store into place if it paired, else away; returns the stored JID."""
+        if self._worker_settled:
+            return None
+        self._worker_settled = True
+        jid = finalize_store(self.pairing_store, self.store) if worker.paired_jid is not None else None
+        if jid is None:
+            remove_store(self.pairing_store)
+        else:
+            log.info("%s: paired as %s; credentials stored", self.session.name, jid)
+        return jid
+
+    async def _end_pairing(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            try:
+                await follower
+            except asyncio.CancelledError:
+                pass
+            except Exception as error:
+                log.warning("%s: pairing ended with %r", self.session.name, error)
+        worker = self.pairing_worker
+        if worker is not None and not self._worker_settled:
+            status = await worker.end(KILL_GRACE)
+            log.info("%s: pairing worker %d ended (status %d)", self.session.name, worker.pid, status)
+            self._settle_pairing(worker)
+
+    # -- connected, in this process ------------------------------------------------------------
+
+    async def _connect_stored(self) -> None:
         import neonize.aioze.events as neonize_events
         from neonize.aioze.events import (
             ConnectedEv,
@@ -128,10 +231,9 @@ class NeonizeTransport(Transport):
         client = self._new_client()
         self.client = client
 
-        async def on_qr(_: Any, code: bytes) -> None:
-            self.events.put_nowait(QrCode(code.decode(), datetime.now(UTC) + QR_LIFETIME))
-            if self._pairing_deadline is None:
-                self._pairing_deadline = asyncio.create_task(self._expire_pairing())
+        async def on_qr(_: Any, __: bytes) -> None:
+            # Pairing here would start whatsmeow's QR loop in this process; the next attempt pairs in a child.
+            self.events.put_nowait(Disconnected("the stored credentials were not accepted: WhatsApp asks for pairing"))
 
         async def on_connected(_: Any, __: Any) -> None:
             me = client.me
@@ -158,7 +260,7 @@ class NeonizeTransport(Transport):
     async def _expire_pairing(self) -> None:
         """whatsmeow gives up on unscanned QR codes without telling Python; end the attempt ourselves."""
         await asyncio.sleep(PAIRING_DEADLINE.total_seconds())
-        if self.stored_jid() is None:
+        if self.stored_jid() is None and (self.pairing_worker is None or self.pairing_worker.paired_jid is None):
             self.events.put_nowait(Disconnected("pairing timed out: no QR scan or pairing code entered"))
 
     async def _watch_connect(self) -> None:
@@ -186,6 +288,15 @@ class NeonizeTransport(Transport):
         return str(response.ID)
 
     async def request_pair_code(self) -> str:
+        worker = self.pairing_worker
+        if worker is not None and worker.returncode is None:
+            try:
+                async with asyncio.timeout(PAIR_CODE_TIMEOUT):
+                    return await worker.request_pair_code()
+            except TimeoutError:
+                raise TransportError(f"no pairing code within {PAIR_CODE_TIMEOUT:.0f} s") from None
+            except RuntimeError as error:
+                raise TransportError(str(error)) from error
         if self.client is None:
             raise TransportError("not connected")
         try:
@@ -214,6 +325,7 @@ class NeonizeTransport(Transport):
             await self.stop()
 
     async def stop(self) -> None:
+        await self._end_pairing()
         client, self.client = self.client, None
         for task in (self._watcher, self._pairing_deadline):
             if task is not None and not task.done():
