@@ -25,13 +25,7 @@ PLURAL = "whatsappsessions"
 
 @dataclass
 class Tenants:
-    """Namespaces named <prefix>-<tenant>, matched by the operator's namespace pattern <prefix>-*.
-
-    Tests create their namespaces before starting an operator with a namespace pattern: kopf
-    1.45 was seen (about 1 run in 5) never to start the per-namespace watch of a namespace created
-    in the same instant as its namespace watch began. Cluster-wide operators, the chart's
-    default, have no per-namespace watches.
-    """
+    """Namespaces named <prefix>-<tenant>, matched by the operator's namespace pattern <prefix>-*."""
 
     api: client.ApiClient
     prefix: str = field(default_factory=lambda: "w" + uuid.uuid4().hex[:8])
@@ -60,6 +54,12 @@ class Tenants:
                     custom.patch_namespaced_custom_object(
                         GROUP, VERSION, name, PLURAL, item["metadata"]["name"], {"metadata": {"finalizers": None}}
                     )
+            rbac = client.RbacAuthorizationV1Api(self.api)
+            unfinalized = {"metadata": {"finalizers": None}}
+            with contextlib.suppress(ApiException):  # likewise the runtime's access, held while sessions exist
+                rbac.patch_namespaced_role("waso-runtime", name, unfinalized)
+            with contextlib.suppress(ApiException):
+                rbac.patch_namespaced_role_binding("waso-runtime", name, unfinalized)
             with contextlib.suppress(ApiException):
                 client.CoreV1Api(self.api).delete_namespace(name, propagation_policy="Background")
 

@@ -17,8 +17,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -29,6 +31,7 @@ from tests.conftest import ControlPlane
 from tests.operator_support import Tenants, condition, create_quota, create_session, get, list_sessions
 from tests.runtime_support import http_json
 from tests.support import BIN, kubectl, wait_for
+from tests.test_health_checks import argocd_health
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_ARCHIVE = BIN / "waso-image.tar"
@@ -233,6 +236,121 @@ def test_an_out_of_memory_session_pod_is_explained_and_recovers_when_the_limit_i
     wait_ready(release, namespace, timeout=240)
 
 
+def _devices(release: Release, phone: str) -> dict[str, Any]:
+    return release.simulator(f"/v1/phones/{quote(phone)}/devices")
+
+
+def _events(release: Release, namespace: str, name: str) -> list[str]:
+    found = client.CoreV1Api(release.control_plane.api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return [str(e.reason) for e in found.items]
+
+
+def test_deleting_a_tenant_namespace_unlinks_every_device_within_a_minute(release: Release) -> None:
+    api = release.control_plane.api
+    namespace = release.tenants.namespace("leaving")
+    phones = {f"s{i}": f"+491511234980{i}" for i in range(1, 4)}
+    for name, phone in phones.items():
+        create_session(api, namespace, name, phone)
+    wait_ready(release, namespace)
+    linked = {phone: [d["jid"] for d in _devices(release, phone)["linked"]] for phone in phones.values()}
+    assert all(len(jids) == 1 for jids in linked.values()), linked
+    since = datetime.now(UTC)
+
+    kubectl(release.control_plane.kubeconfig, "delete", "namespace", namespace, "--wait=false")
+    started = time.monotonic()
+
+    def gone() -> bool:
+        try:
+            client.CoreV1Api(api).read_namespace(namespace)
+        except client.ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, timeout=60, what=f"namespace {namespace} deleted", interval=0.5)
+    took = time.monotonic() - started
+    for phone, jids in linked.items():
+        devices = _devices(release, phone)
+        assert devices["linked"] == [], devices
+        assert [u["jid"] for u in devices["unlinked"]] == jids, devices
+    about_tenant = [line for line in _operator_logs(release, since).splitlines() if namespace in line]
+    assert len(about_tenant) < 10 * max(took, 1.0), about_tenant[-20:]
+
+
+def test_deleting_a_suspended_session_without_a_pod_unlinks_its_device(release: Release) -> None:
+    api = release.control_plane.api
+    namespace = release.tenants.namespace("parked")
+    phone = "+4915112349811"
+    create_session(api, namespace, "s1", phone)
+    wait_ready(release, namespace)
+    jid = runtime(get(api, namespace, "s1"))["jid"]
+    custom = client.CustomObjectsApi(api)
+    custom.patch_namespaced_custom_object("waso.dev", "v1alpha1", namespace, "whatsappsessions", "s1",
+                                          {"spec": {"suspend": True}})  # fmt: skip
+    core = client.CoreV1Api(api)
+    wait_for(lambda: not core.list_namespaced_pod(namespace).items, timeout=120, what="no session pod left")
+    assert get(api, namespace, "s1")["status"]["phase"] == "Suspended"
+
+    custom.delete_namespaced_custom_object("waso.dev", "v1alpha1", namespace, "whatsappsessions", "s1")
+    wait_for(lambda: not list_sessions(api, namespace), timeout=60, what="the suspended session deleted", interval=0.5)
+    devices = _devices(release, phone)
+    assert devices["linked"] == [], devices
+    assert [u["jid"] for u in devices["unlinked"]] == [jid], devices
+
+
+def test_a_ban_with_an_expiry_reconciles_and_heals_and_lifecycle_changes_are_events(release: Release) -> None:
+    api = release.control_plane.api
+    namespace = release.tenants.namespace("banned")
+    phone = "+4915112349821"
+    create_session(api, namespace, "s1", phone)
+    wait_ready(release, namespace)
+    simulator = f"http://{release.pod('simulator').status.pod_ip}:{SIMULATOR_PORT}"
+    banned = http_json("POST", f"{simulator}/v1/phones/{quote(phone)}/faults", {"kind": "ban", "seconds": 20})
+    assert banned.status == 200, banned.body
+
+    def reconciling() -> dict[str, Any] | None:
+        found = condition(get(api, namespace, "s1"), "Reconciling")
+        return found if found and found["reason"] == "Banned" else None
+
+    said = wait_for(reconciling, timeout=60, what="Reconciling=True reason Banned", interval=0.5)
+    assert banned.body["expiresAt"] in said["message"]
+    session = get(api, namespace, "s1")
+    assert session["status"]["phase"] == "Banned"
+    assert condition(session, "Stalled") is None
+    assert argocd_health(session)["status"] == "Progressing"
+    wait_ready(release, namespace, timeout=120)  # without intervention once the ban ends
+    assert argocd_health(get(api, namespace, "s1"))["status"] == "Healthy"
+
+    logged_out = http_json("POST", f"{simulator}/v1/phones/{quote(phone)}/faults", {"kind": "logout"})
+    assert logged_out.status == 200, logged_out.body
+    wait_for(lambda: "RePaired" in _events(release, namespace, "s1"), timeout=120, what="RePaired event")
+    wait_ready(release, namespace)
+    reasons = _events(release, namespace, "s1")
+    for expected in ("Admitted", "Paired", "Banned", "BanLifted", "LoggedOut", "RePaired"):
+        assert reasons.count(expected) == 1, (expected, reasons)
+
+
+def test_kubectl_get_says_why_a_session_waits(release: Release) -> None:
+    api = release.control_plane.api
+    namespace = release.tenants.namespace("queue")
+    create_quota(api, namespace, maxSessions=1)
+    create_session(api, namespace, "first", "+4915112349831")
+    wait_ready(release, namespace)
+    create_session(api, namespace, "second", "+4915112349832")
+    wait_for(lambda: (c := condition(get(api, namespace, "second"), "Ready")) and c["reason"] == "QuotaExceeded",
+             timeout=60, what="second waits for quota")  # fmt: skip
+    table = kubectl(release.control_plane.kubeconfig, "get", "was", "-n", namespace).stdout.splitlines()
+    assert "REASON" in table[0].split()
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert "QuotaExceeded" in rows["second"]
+    assert "Ready" in rows["first"]
+    wide = kubectl(release.control_plane.kubeconfig, "get", "was", "-n", namespace, "-o", "wide").stdout.splitlines()
+    for column in ("DEVICE", "ENDPOINT", "LAST ERROR"):
+        assert column in wide[0], wide[0]
+    assert any(line.startswith("first ") and "http://waso-sessions-0." in line for line in wide), wide
+
+
 def test_helm_upgrade_keeps_sessions_connected_and_uninstall_keeps_crds_and_sessions(release: Release) -> None:
     api = release.control_plane.api
     namespace = release.tenants.namespace("upgrade")
@@ -268,7 +386,8 @@ def test_helm_upgrade_keeps_sessions_connected_and_uninstall_keeps_crds_and_sess
     assert core.read_namespaced_pod("waso-sessions-0", namespace).metadata.uid == session_pod
 
 
-def _operator_logs(release: Release) -> str:
+def _operator_logs(release: Release, since: datetime | None = None) -> str:
     pod = str(release.pod("operator").metadata.name)
-    result = kubectl(release.control_plane.kubeconfig, "logs", "-n", release.namespace, pod, check=False)
+    window = [f"--since-time={since.strftime('%Y-%m-%dT%H:%M:%SZ')}"] if since else []
+    result = kubectl(release.control_plane.kubeconfig, "logs", "-n", release.namespace, pod, *window, check=False)
     return result.stdout + result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -17,7 +18,10 @@ def _operator(args: argparse.Namespace) -> int:
         return 2
     import kopf
 
-    import waso.operator.handlers  # noqa: F401  (registers the handlers)
+    from waso.operator import handlers  # registers the handlers
+
+    if args.namespace:
+        os.environ[handlers.NAMESPACES_ENV] = ",".join(args.namespace)
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -27,8 +31,7 @@ def _operator(args: argparse.Namespace) -> int:
         # Standalone: with kopf peering, a paused standby would still run waso's controller loop
         # (it is not a kopf handler), so one active replica is enforced by the Deployment instead.
         standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or (),
+        clusterwide=True,  # tenant patterns filter the events: see waso.operator.handlers
         liveness_endpoint=args.liveness,
     )
     return 0

@@ -85,6 +85,7 @@ class Controller:
         self.sessions: Mapping[str, Iterable[SessionFacts]] = {}
         self.quotas: Mapping[str, Iterable[QuotaFacts]] = {}
         self.pods: Mapping[str, Iterable[PodFacts]] = {}
+        self.access: Mapping[str, Iterable[bool]] = {}
         self.session_status = StatusWriter(
             kube, WhatsAppSession.KIND, MANAGER, on_write=metrics.STATUS_WRITES.labels(WhatsAppSession.KIND).inc
         )
@@ -106,9 +107,10 @@ class Controller:
         sessions: Mapping[str, Iterable[SessionFacts]],
         quotas: Mapping[str, Iterable[QuotaFacts]],
         pods: Mapping[str, Iterable[PodFacts]],
+        access: Mapping[str, Iterable[bool]],
     ) -> None:
         """Hand over kopf's live index views (the same objects on every call)."""
-        self.sessions, self.quotas, self.pods = sessions, quotas, pods
+        self.sessions, self.quotas, self.pods, self.access = sessions, quotas, pods, access
 
     def poke(self) -> None:
         self._wake.set()
@@ -165,7 +167,8 @@ class Controller:
             by_tenant[session.namespace].append(session)
         shards: dict[str, int] = {}
         tenant_writes = []
-        for namespace in namespaces | set(self.applied_tenants):
+        held = {ns for ns, finalized in list(self.access.items()) if any(finalized)}
+        for namespace in namespaces | set(self.applied_tenants) | held:
             spec = self._quota_spec(honoured.get(namespace))
             tenant_shards = assign_shards(by_tenant.get(namespace, []), running, spec.sessions_per_pod)
             shards.update(tenant_shards)

@@ -1,26 +1,44 @@
-"""kopf wiring: indexes feed the controller, watch events poke it. Nothing is decided here."""
+"""kopf wiring: indexes feed the controller, watch events poke it. Nothing is decided here.
+
+kopf always watches cluster-wide; tenant namespace patterns (``WASO_NAMESPACES``, or
+``waso operator -n``) filter the events. kopf's own per-namespace mode lists and watches
+namespaces and starts a watch per match, and a namespace created in the instant that
+watch began was seen never to get one; a filter over cluster-wide watches has no such gap.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
+import os
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
 from waso.api.base import GROUP, VERSION
+from waso.api.quota import TenantQuota
+from waso.api.session import WhatsAppSession
 from waso.api.tenancy import QuotaFacts, quota_facts
 from waso.kube import KubeClient
 from waso.operator.config import load_config
 from waso.operator.controller import Controller
-from waso.operator.resources import SELECTOR
+from waso.operator.resources import ACCESS_FINALIZER, SELECTOR
 from waso.operator.world import PodFacts, SessionFacts, pod_facts, session_facts
 
-SESSIONS = (GROUP, VERSION, "whatsappsessions")
-QUOTAS = (GROUP, VERSION, "tenantquotas")
+SESSIONS = (GROUP, VERSION, WhatsAppSession.PLURAL)
+QUOTAS = (GROUP, VERSION, TenantQuota.PLURAL)
+ROLES = ("rbac.authorization.k8s.io", "v1", "roles")
+NAMESPACES_ENV = "WASO_NAMESPACES"
 log = logging.getLogger("waso.operator")
+
+
+def in_scope(namespace: str | None, **_: Any) -> bool:
+    """Whether the namespace matches the tenant patterns (comma-separated globs; none: every namespace)."""
+    patterns = [p for p in os.environ.get(NAMESPACES_ENV, "").split(",") if p]
+    return not patterns or (namespace is not None and any(fnmatch.fnmatchcase(namespace, p) for p in patterns))
 
 
 @kopf.on.login()
@@ -57,31 +75,39 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     memo.kube.close()
 
 
-@kopf.index(*SESSIONS)
+@kopf.index(*SESSIONS, when=in_scope)
 def sessions_by_tenant(body: kopf.Body, **_: Any) -> dict[str, SessionFacts]:
     facts = session_facts(body)
     return {facts.namespace: facts}
 
 
-@kopf.index(*QUOTAS)
+@kopf.index(*QUOTAS, when=in_scope)
 def quotas_by_tenant(body: kopf.Body, **_: Any) -> dict[str, QuotaFacts]:
     facts = quota_facts(body)
     return {facts.namespace: facts}
 
 
-@kopf.index("v1", "pods", labels=SELECTOR)
+@kopf.index("v1", "pods", labels=SELECTOR, when=in_scope)
 def session_pods_by_tenant(body: kopf.Body, **_: Any) -> dict[str, PodFacts] | None:
     facts = pod_facts(body)
     return {facts.namespace: facts} if facts is not None else None
 
 
-@kopf.on.event(*SESSIONS)
-@kopf.on.event(*QUOTAS)
-@kopf.on.event("v1", "pods", labels=SELECTOR)
+@kopf.index(*ROLES, labels={"app.kubernetes.io/managed-by": "waso-operator"}, when=in_scope)
+def runtime_access_by_tenant(body: kopf.Body, **_: Any) -> dict[str, bool]:
+    """Tenants whose runtime Role is held by the access finalizer (found again after an operator restart)."""
+    return {str(body["metadata"]["namespace"]): ACCESS_FINALIZER in (body["metadata"].get("finalizers") or [])}
+
+
+@kopf.on.event(*SESSIONS, when=in_scope)
+@kopf.on.event(*QUOTAS, when=in_scope)
+@kopf.on.event("v1", "pods", labels=SELECTOR, when=in_scope)
+@kopf.on.event(*ROLES, labels={"app.kubernetes.io/managed-by": "waso-operator"}, when=in_scope)
 def poke(memo: kopf.Memo, **kwargs: Any) -> None:
     """Every watch event: the indexes are current, so the next pass sees it."""
     sessions: kopf.Index[str, SessionFacts] = kwargs["sessions_by_tenant"]
     quotas: kopf.Index[str, QuotaFacts] = kwargs["quotas_by_tenant"]
     pods: kopf.Index[str, PodFacts] = kwargs["session_pods_by_tenant"]
-    memo.controller.attach(sessions, quotas, pods)
+    access: kopf.Index[str, bool] = kwargs["runtime_access_by_tenant"]
+    memo.controller.attach(sessions, quotas, pods, access)
     memo.controller.poke()
