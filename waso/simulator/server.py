@@ -10,8 +10,14 @@ in. The phone side and fault injection are plain HTTP calls, which is how tests 
 Like the real service it assigns device numbers per account, growing with every new
 link (so above 10 too), replaces an older socket of the same device with
 ``stream_replaced``, forgets a logged-out device, and refuses a banned account until
-the ban expires. It counts live sockets per device, so a test can prove that no
-credential is ever live on two sockets.
+the ban expires (the ``banned`` frame carries the expiry as ``until``, in epoch
+seconds). It counts live sockets per device, so a test can prove that no credential is
+ever live on two sockets, and remembers per account which devices are linked and which
+were unlinked (``GET /v1/phones/{phone}/devices``).
+
+A pairing socket is linked at most once: whichever of auto-pair, a QR scan or a pairing
+code comes first claims it (synchronously, before any await) and the others are no-ops
+(a scan or pairing code then answers 409).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -31,6 +39,7 @@ from aiohttp import WSMsgType, web
 log = logging.getLogger("waso.simulator")
 
 FAULTS = ("drop", "logout", "stream_replaced", "ban", "identity_mismatch")
+MAX_BAN_SECONDS = 30 * 24 * 3600
 _PAIR_ALPHABET = "ABCDEFGHJKLMNPQRSTVWXYZ23456789"
 
 
@@ -38,9 +47,18 @@ _PAIR_ALPHABET = "ABCDEFGHJKLMNPQRSTVWXYZ23456789"
 class Device:
     device_id: int
     token: str
+    linked_at: float = field(default_factory=time.time)
 
     def jid(self, phone: str) -> str:
         return f"{phone.removeprefix('+')}:{self.device_id}@s.whatsapp.net"
+
+
+@dataclass(frozen=True)
+class Unlinked:
+    device: Device
+    at: float
+    by: str
+    """``companion`` (the device logged itself out, as a runtime does when its session is deleted) or ``phone``."""
 
 
 @dataclass
@@ -51,12 +69,21 @@ class Account:
     next_device: int = 1
     banned_until: float = 0.0
     mismatch_next_login: bool = False
+    unlinked: list[Unlinked] = field(default_factory=list)
 
     def link(self) -> Device:
         device = Device(self.next_device, secrets.token_hex(16))
         self.devices[device.device_id] = device
         self.next_device += 1
         return device
+
+    def unlink(self, device: Device, by: str) -> None:
+        if self.devices.get(device.device_id) is device:
+            del self.devices[device.device_id]
+            self.unlinked.append(Unlinked(device, time.time(), by))
+
+    def ban_remaining(self) -> float:
+        return max(0.0, self.banned_until - time.time())
 
 
 @dataclass(eq=False)  # identity semantics: sockets live in a set
@@ -66,7 +93,9 @@ class Socket:
     device: Device | None = None
     qr_codes: list[str] = field(default_factory=list)
     pair_code: str | None = None
-    paired: asyncio.Event = field(default_factory=asyncio.Event)
+    pairing: bool = False
+    """Waiting for a link; the first linker clears it, so a socket is linked at most once."""
+    pairing_task: asyncio.Task[None] | None = None
 
 
 class Simulator:
@@ -92,37 +121,43 @@ class Simulator:
     async def socket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(heartbeat=30)
         await ws.prepare(request)
-        hello = await ws.receive_json(timeout=10)
-        if hello.get("type") != "hello" or not isinstance(hello.get("phone"), str):
+        try:
+            hello = await ws.receive_json(timeout=10)
+        except (ValueError, TypeError, TimeoutError):
+            hello = None
+        if not isinstance(hello, dict) or hello.get("type") != "hello" or not isinstance(hello.get("phone"), str):
             await ws.close(code=4400, message=b"first frame must be hello with a phone")
+            return ws
+        credentials = hello.get("credentials")
+        if credentials is not None and not isinstance(credentials, dict):
+            await ws.close(code=4400, message=b"credentials must be null or an object")
             return ws
         conn = Socket(ws, hello["phone"])
         self.counters["connections"] += 1
         account = self.account(conn.phone)
-        if account.banned_until > time.time():
-            await ws.send_json({"type": "banned", "until": account.banned_until})
+        if account.ban_remaining() > 0:
+            self.counters["refused_banned"] += 1
+            await ws.send_json(_banned_frame(account))
             await ws.close()
             return ws
         self.sockets.add(conn)
         try:
-            credentials = hello.get("credentials")
-            pairing: asyncio.Task[None] | None = None
             if credentials:
                 if not await self._login(conn, account, credentials):
                     return ws
             else:
-                pairing = asyncio.create_task(self._pair(conn, account))
-            try:
-                await self._serve(conn, account)
-            finally:
-                if pairing is not None:
-                    pairing.cancel()
+                conn.pairing = True
+                conn.pairing_task = asyncio.create_task(self._pair(conn, account))
+            await self._serve(conn, account)
         finally:
             self._forget(conn)
         return ws
 
     async def _login(self, conn: Socket, account: Account, credentials: dict[str, Any]) -> bool:
-        device = account.devices.get(int(credentials.get("device", -1)))
+        try:
+            device = account.devices.get(int(credentials.get("device", -1)))
+        except (TypeError, ValueError):
+            device = None
         if device is None or device.token != credentials.get("token"):
             self.counters["logins_refused"] += 1
             await conn.ws.send_json({"type": "logged_out", "reason": 401, "message": "device is not linked"})
@@ -139,6 +174,8 @@ class Simulator:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await other.ws.send_json({"type": "stream_replaced"})
                 await other.ws.close()
+        if conn not in self.sockets:
+            return  # the socket went away meanwhile: nothing to count
         conn.device = device
         self.live[jid] += 1
         self.max_live[jid] = max(self.max_live[jid], self.live[jid])
@@ -151,37 +188,60 @@ class Simulator:
 
     def _forget(self, conn: Socket) -> None:
         self.sockets.discard(conn)
+        conn.pairing = False  # a link that comes later is a no-op
+        if conn.pairing_task is not None:
+            conn.pairing_task.cancel()
+            conn.pairing_task = None
         if conn.device is not None:
             jid = conn.device.jid(conn.phone)
             self.live[jid] -= 1
             conn.device = None
 
     async def _pair(self, conn: Socket, account: Account) -> None:
-        """Offer QR codes (rotating) until the phone links the device; scan them in auto-pair mode."""
-        while conn.device is None:
-            code = f"2@{secrets.token_urlsafe(24)},{account.phone},{next(self._ids)}"
-            conn.qr_codes.append(code)
-            self.counters["qr_codes"] += 1
-            await conn.ws.send_json({"type": "qr", "code": code, "expiresIn": self.qr_interval})
-            if self.auto_pair is not None:
-                await asyncio.sleep(self.auto_pair)
-                await self.link(conn, account)
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.paired.wait(), timeout=self.qr_interval)
+        """Offer QR codes (rotating) until the device is linked; scan the first one in auto-pair mode.
 
-    async def link(self, conn: Socket, account: Account) -> Device:
+        ``link`` cancels this task when someone else links the socket first, and ``_forget``
+        when the socket goes away; the auto-pair scan is a no-op if the socket is no longer pairing.
+        """
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while conn.pairing:
+                code = f"2@{secrets.token_urlsafe(24)},{account.phone},{next(self._ids)}"
+                conn.qr_codes.append(code)
+                self.counters["qr_codes"] += 1
+                await conn.ws.send_json({"type": "qr", "code": code, "expiresIn": self.qr_interval})
+                if self.auto_pair is not None:
+                    await asyncio.sleep(self.auto_pair)
+                    if await self.link(conn, account) is None:
+                        self.counters["auto_pair_skipped"] += 1
+                    return
+                await asyncio.sleep(self.qr_interval)
+
+    async def link(self, conn: Socket, account: Account) -> Device | None:
+        """Link a pairing socket to a new device of the account; None if it is no longer pairing."""
+        if not conn.pairing or conn not in self.sockets or conn.ws.closed:
+            return None
+        conn.pairing = False  # claimed before any await: whoever comes second is a no-op
+        if conn.pairing_task is not None and conn.pairing_task is not asyncio.current_task():
+            conn.pairing_task.cancel()
+        conn.pairing_task = None
         device = account.link()
+        frame = {
+            "type": "paired",
+            "jid": device.jid(account.phone),
+            "credentials": {"device": device.device_id, "token": device.token},
+        }
+        try:
+            await conn.ws.send_json(frame)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError) as error:
+            # The companion never got its credentials: the phone does not keep the link.
+            account.devices.pop(device.device_id, None)
+            self.counters["links_aborted"] += 1
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return None
         self.counters["links"] += 1
-        conn.paired.set()
-        await conn.ws.send_json(
-            {
-                "type": "paired",
-                "jid": device.jid(account.phone),
-                "credentials": {"device": device.device_id, "token": device.token},
-            }
-        )
-        await self._go_live(conn, account, device)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._go_live(conn, account, device)
         return device
 
     async def _serve(self, conn: Socket, account: Account) -> None:
@@ -190,12 +250,12 @@ class Simulator:
                 break
             message = frame.json()
             kind = message.get("type")
-            if kind == "pair_code_request" and conn.device is None:
+            if kind == "pair_code_request" and conn.pairing:
                 conn.pair_code = "".join(secrets.choice(_PAIR_ALPHABET) for _ in range(8))
                 await conn.ws.send_json({"type": "pair_code", "code": conn.pair_code})
             elif kind == "logout" and conn.device is not None:
                 # The companion logs itself out: WhatsApp forgets the device.
-                account.devices.pop(conn.device.device_id, None)
+                account.unlink(conn.device, by="companion")
                 self.counters["unlinked"] += 1
                 await conn.ws.send_json({"type": "logged_out", "reason": 401, "message": "logged out by the companion"})
                 await conn.ws.close()
@@ -214,32 +274,39 @@ class Simulator:
 
     # -- the phone's side and the operator of the sandbox ---------------------------------
 
-    def _pairing_socket(self, phone: str) -> Socket | None:
-        return next((s for s in self.sockets if s.phone == phone and s.device is None), None)
-
     async def scan(self, request: web.Request) -> web.Response:
         phone = request.match_info["phone"]
         body = await _json(request)
-        conn = self._pairing_socket(phone)
-        if conn is None:
-            raise web.HTTPConflict(text=f"no device of {phone} is waiting for a QR scan")
         code = body.get("code")
-        if code is not None and (not conn.qr_codes or conn.qr_codes[-1] != code):
+        if code is not None and not isinstance(code, str):
+            raise web.HTTPBadRequest(text="code must be a string (the QR code's text)")
+        pairing = [s for s in self.sockets if s.phone == phone and s.pairing]
+        conn = next((s for s in pairing if code is None or (s.qr_codes and s.qr_codes[-1] == code)), None)
+        if conn is None:
+            if code is not None and any(code in s.qr_codes for s in self.sockets if s.phone == phone and not s.pairing):
+                raise web.HTTPConflict(text=f"the device of {phone} showing that QR code is already linked")
+            if not pairing:
+                raise web.HTTPConflict(text=f"no device of {phone} is waiting for a QR scan")
             raise web.HTTPUnprocessableEntity(text="that QR code is not the current one (expired or unknown)")
-        device = await self.link(conn, self.account(phone))
-        return web.json_response({"jid": device.jid(phone), "deviceId": device.device_id})
+        return await self._link_response(conn, phone)
 
     async def confirm_pair_code(self, request: web.Request) -> web.Response:
         phone = request.match_info["phone"]
         body = await _json(request)
-        conn = next(
-            (s for s in self.sockets if s.phone == phone and s.pair_code is not None and s.device is None), None
-        )
+        code = body.get("code")
+        if not isinstance(code, str):
+            raise web.HTTPBadRequest(text='code must be a string, like "ABCD-EFGH"')
+        conn = next((s for s in self.sockets if s.phone == phone and s.pair_code is not None and s.pairing), None)
         if conn is None:
-            raise web.HTTPConflict(text=f"no device of {phone} has requested a pairing code")
-        if str(body.get("code", "")).replace("-", "").upper() != conn.pair_code:
+            raise web.HTTPConflict(text=f"no device of {phone} is waiting for a pairing code")
+        if code.replace("-", "").upper() != conn.pair_code:
             raise web.HTTPUnprocessableEntity(text="wrong pairing code")
+        return await self._link_response(conn, phone)
+
+    async def _link_response(self, conn: Socket, phone: str) -> web.Response:
         device = await self.link(conn, self.account(phone))
+        if device is None:
+            raise web.HTTPConflict(text=f"the device of {phone} was linked or went away meanwhile")
         return web.json_response({"jid": device.jid(phone), "deviceId": device.device_id})
 
     async def inbound(self, request: web.Request) -> web.Response:
@@ -258,34 +325,44 @@ class Simulator:
         kind = body.get("kind")
         if kind not in FAULTS:
             raise web.HTTPBadRequest(text=f"kind must be one of {', '.join(FAULTS)}")
+        seconds = body.get("seconds", 60)
+        if kind == "ban" and (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds)
+            or not 0 < seconds <= MAX_BAN_SECONDS
+        ):
+            raise web.HTTPBadRequest(text=f"seconds must be a number above 0 and at most {MAX_BAN_SECONDS}")
         account = self.account(phone)
-        live = [s for s in self.sockets if s.phone == phone and s.device is not None]
+        # A ban refuses the whole account, pairing sockets included; the other faults hit live devices.
+        affected = [s for s in self.sockets if s.phone == phone and (s.device is not None or kind == "ban")]
         self.counters[f"fault_{kind}"] += 1
+        answer: dict[str, Any] = {"kind": kind, "affected": len(affected)}
         if kind == "identity_mismatch":
             account.mismatch_next_login = True
         if kind == "ban":
-            seconds = body.get("seconds", 60)
-            if not isinstance(seconds, int | float) or seconds <= 0:
-                raise web.HTTPBadRequest(text="seconds must be a positive number")
             account.banned_until = time.time() + seconds
+            answer["until"] = account.banned_until
+            answer["expiresAt"] = _iso(account.banned_until)
         if kind == "logout":
-            for conn in live:
+            for conn in affected:
                 if conn.device is not None:
-                    account.devices.pop(conn.device.device_id, None)
-        for conn in live:
+                    account.unlink(conn.device, by="phone")
+        for conn in affected:
             frame = {
                 "drop": None,
                 "logout": {"type": "logged_out", "reason": 401, "message": "logged out from the phone"},
                 "stream_replaced": {"type": "stream_replaced"},
-                "ban": {"type": "banned", "until": account.banned_until},
+                "ban": _banned_frame(account),
                 "identity_mismatch": None,
             }[kind]
+            conn.pairing = False
             with contextlib.suppress(ConnectionError, RuntimeError):
                 if frame is not None:
                     await conn.ws.send_json(frame)
                 if kind != "identity_mismatch":
                     await conn.ws.close()
-        return web.json_response({"kind": kind, "affected": len(live)})
+        return web.json_response(answer)
 
     async def messages(self, request: web.Request) -> web.Response:
         phone = request.query.get("from")
@@ -298,10 +375,48 @@ class Simulator:
                 "maxLive": dict(self.max_live),
                 "counters": dict(self.counters),
                 "accounts": {
-                    phone: {"devices": sorted(a.devices), "nextDevice": a.next_device}
+                    phone: {
+                        "devices": sorted(a.devices),
+                        "unlinked": [u.device.device_id for u in a.unlinked],
+                        "nextDevice": a.next_device,
+                        "bannedUntil": a.banned_until if a.ban_remaining() > 0 else None,
+                    }
                     for phone, a in self.accounts.items()
                 },
-                "pairing": sorted({s.phone for s in self.sockets if s.device is None}),
+                "pairing": sorted({s.phone for s in self.sockets if s.pairing}),
+            }
+        )
+
+    async def devices(self, request: web.Request) -> web.Response:
+        """The phone's Linked devices screen, plus the devices that were unlinked and by whom."""
+        phone = request.match_info["phone"]
+        account = self.accounts.get(phone)
+        if account is None:
+            raise web.HTTPNotFound(text=f"the simulator has never seen an account {phone}")
+        return web.json_response(
+            {
+                "phone": phone,
+                "linked": [
+                    {
+                        "deviceId": d.device_id,
+                        "jid": d.jid(phone),
+                        "linkedAt": d.linked_at,
+                        "live": self.live.get(d.jid(phone), 0),
+                    }
+                    for d in sorted(account.devices.values(), key=lambda d: d.device_id)
+                ],
+                "unlinked": [
+                    {
+                        "deviceId": u.device.device_id,
+                        "jid": u.device.jid(phone),
+                        "linkedAt": u.device.linked_at,
+                        "unlinkedAt": u.at,
+                        "by": u.by,
+                    }
+                    for u in account.unlinked
+                ],
+                "nextDevice": account.next_device,
+                "bannedUntil": account.banned_until if account.ban_remaining() > 0 else None,
             }
         )
 
@@ -317,12 +432,22 @@ class Simulator:
                 web.post("/v1/phones/{phone}/pair-code", self.confirm_pair_code),
                 web.post("/v1/phones/{phone}/inbound", self.inbound),
                 web.post("/v1/phones/{phone}/faults", self.fault),
+                web.get("/v1/phones/{phone}/devices", self.devices),
                 web.get("/v1/messages", self.messages),
                 web.get("/v1/stats", self.stats),
                 web.get("/healthz", self.healthz),
             ]
         )
         return app
+
+
+def _banned_frame(account: Account) -> dict[str, Any]:
+    """``until``: the ban's expiry in epoch seconds (what the runtime reports); ``expiresIn``: seconds left."""
+    return {"type": "banned", "until": account.banned_until, "expiresIn": round(account.ban_remaining(), 3)}
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
