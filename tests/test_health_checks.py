@@ -3,7 +3,7 @@ evaluated by real interpreters (Lua 5.1 as Argo CD's gopher-lua, CEL) on statuse
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ def session(verdict: Verdict, runtime: RuntimeStatus | None = None, *, suspend: 
 
 CONNECTED = RuntimeStatus(state=RuntimeState.CONNECTED, jid=JID, stored_jid=JID)
 MISMATCH = RuntimeStatus(state=RuntimeState.CONNECTED, jid=JID, stored_jid="4915112345601:52@s.whatsapp.net")
+BANNED = RuntimeStatus(state=RuntimeState.BANNED, stored_jid=JID, banned_until=T0 + timedelta(minutes=10))
+BANNED_FOR_GOOD = RuntimeStatus(state=RuntimeState.BANNED, stored_jid=JID)
 CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("no status yet", {"metadata": {"generation": 1}, "spec": {}}, "Progressing", "InProgress"),
     ("waiting for capacity", session(Verdict(False, Reason.CAPACITY_EXCEEDED, "full")), "Progressing", "InProgress"),
@@ -50,6 +52,8 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("connected and healthy", session(ADMITTED, CONNECTED), "Healthy", "Current"),
     ("phone number conflict", session(Verdict(False, Reason.PHONE_NUMBER_CONFLICT, "older")), "Degraded", "Failed"),
     ("identity mismatch", session(ADMITTED, MISMATCH), "Degraded", "Failed"),
+    ("banned until a known time", session(ADMITTED, BANNED), "Progressing", "InProgress"),
+    ("banned without an end", session(ADMITTED, BANNED_FOR_GOOD), "Degraded", "Failed"),
     ("suspended", session(Verdict(False, Reason.SUSPENDED, "suspended"), suspend=True), "Suspended", "Current"),
 ]
 
