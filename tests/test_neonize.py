@@ -237,6 +237,38 @@ def test_a_hanging_pairing_worker_is_ended_and_its_resources_come_back(mode: str
     asyncio.run(scenario())
 
 
+@pytest.mark.usefixtures("child_path")
+def test_pairing_children_are_capped_per_pod_and_a_waiting_attempt_stops_at_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        slots = asyncio.Semaphore(1)
+        first, second = (
+            NeonizeTransport(
+                SessionIdentity("acme", name, phone, "waso", tmp_path / "sessions" / name),
+                pairing_command=fake_pairing_command("hang"),
+                pairing_slots=slots,
+            )
+            for name, phone in (("s1", "+4915112345601"), ("s2", "+4915112345602"))
+        )
+        await first.start()
+        await second.start()
+        assert isinstance(await next_event(first), QrCode)
+        assert second.pairing_worker is None  # waits for the slot: no second child
+        await first.stop()
+        assert isinstance(await next_event(second), QrCode)  # the freed slot goes to the waiting one
+        assert second.pairing_worker is not None
+        await second.stop()
+        assert not slots.locked()
+
+        third = NeonizeTransport(session(tmp_path), pairing_command=fake_pairing_command("hang"), pairing_slots=slots)
+        async with slots:  # every slot taken: stopping the waiting attempt neither blocks nor leaks one
+            await third.start()
+            await third.stop()
+            assert third.pairing_worker is None
+        assert not slots.locked()
+
+    asyncio.run(scenario())
+
+
 class ConnectsOffline(NeonizeTransport):
     """The in-process connection from stored credentials, without WhatsApp: connected as the store says."""
 

@@ -43,6 +43,9 @@ class RuntimeConfig(BaseSettings):
     """Applies while the namespace has no TenantQuota (WASO_DEFAULT_QUOTA as JSON)."""
     executor_threads: int = Field(default=256, ge=8, le=4096)
     """neonize keeps one default-executor thread busy per live session, plus short calls."""
+    pairing_workers: int = Field(default=4, ge=1, le=256)
+    """Pairing child processes (neonize) at once on this pod; each holds about 70 MiB while it runs.
+    Further unpaired sessions wait for a slot in state Connecting."""
     device_name: str = "waso"
     instance: str = Field(default_factory=lambda: secrets.token_hex(4))
     """Distinguishes two processes with the same pod name in lease holder identities."""

@@ -109,8 +109,16 @@ def map_event(event: Any, now: datetime) -> TransportEvent | None:
 
 
 class NeonizeTransport(Transport):
-    def __init__(self, session: SessionIdentity, pairing_command: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        session: SessionIdentity,
+        pairing_command: Sequence[str] | None = None,
+        pairing_slots: asyncio.Semaphore | None = None,
+    ) -> None:
         super().__init__(session)
+        self.pairing_slots = pairing_slots
+        """Shared by the pod's transports: pairing children at once (None: no limit)."""
+        self._holds_slot = False
         self.store = (session.store_dir / STORE_FILE).absolute()
         self.pairing_store = self.store.with_name(STORE_FILE + ".pairing")
         self.pairing_command = list(pairing_command) if pairing_command is not None else default_command()
@@ -143,9 +151,16 @@ class NeonizeTransport(Transport):
     # -- pairing, in a child process -----------------------------------------------------------
 
     async def _start_pairing(self) -> None:
+        self._worker_settled = False
+        self._follower = asyncio.create_task(self._pair(), name=f"pairing:{self.session.name}")
+
+    async def _pair(self) -> None:
+        """Wait for a pairing slot, then pair in a child; stop() cancels the wait or ends the child."""
+        if self.pairing_slots is not None:
+            await self.pairing_slots.acquire()
+            self._holds_slot = True
         self.store.parent.mkdir(parents=True, exist_ok=True)
         remove_store(self.pairing_store)  # left by a runtime that died while pairing; no child holds it
-        self._worker_settled = False
         try:
             worker = await PairingWorker.spawn(
                 self.pairing_command,
@@ -156,10 +171,16 @@ class NeonizeTransport(Transport):
                 deadline=WORKER_DEADLINE.total_seconds(),
             )
         except OSError as error:
+            self._release_slot()
             self.events.put_nowait(Disconnected(f"cannot start the pairing worker: {error}"))
             return
         self.pairing_worker = worker
-        self._follower = asyncio.create_task(self._follow_pairing(worker), name=f"pairing:{self.session.name}")
+        await self._follow_pairing(worker)
+
+    def _release_slot(self) -> None:
+        if self._holds_slot and self.pairing_slots is not None:
+            self._holds_slot = False
+            self.pairing_slots.release()
 
     def _on_worker_event(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -177,6 +198,7 @@ class NeonizeTransport(Transport):
             log.warning("%s: pairing worker %d: %r", self.session.name, worker.pid, error)
             self.events.put_nowait(Disconnected(f"pairing worker failed: {error}"))
             return
+        self._release_slot()  # the child has exited
         if self._settle_pairing(worker) is not None:
             await self._connect_stored()
         elif worker.paired_jid is not None:
@@ -211,6 +233,7 @@ class NeonizeTransport(Transport):
             status = await worker.end(KILL_GRACE)
             log.info("%s: pairing worker %d ended (status %d)", self.session.name, worker.pid, status)
             self._settle_pairing(worker)
+        self._release_slot()  # only once no child of this attempt runs
 
     # -- connected, in this process ------------------------------------------------------------
 

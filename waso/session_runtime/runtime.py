@@ -88,6 +88,7 @@ class Runtime:
             else MemoryRateLimiter()
         )
         self.http: aiohttp.ClientSession | None = None
+        self.pairing_slots = asyncio.Semaphore(config.pairing_workers)
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- transports -------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class Runtime:
             return SimulatorTransport(identity, self.config.simulator_url, self.http)
         from waso.session_runtime.neonize_transport import NeonizeTransport
 
-        return NeonizeTransport(identity)
+        return NeonizeTransport(identity, pairing_slots=self.pairing_slots)
 
     # -- sessions ---------------------------------------------------------------------------
 
