@@ -61,6 +61,8 @@ class Tenants:
             with contextlib.suppress(ApiException):
                 rbac.patch_namespaced_role_binding("waso-runtime", name, unfinalized)
             with contextlib.suppress(ApiException):
+                client.CoreV1Api(self.api).patch_namespaced_service_account("waso-runtime", name, unfinalized)
+            with contextlib.suppress(ApiException):
                 client.CoreV1Api(self.api).delete_namespace(name, propagation_policy="Background")
 
 

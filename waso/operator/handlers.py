@@ -25,7 +25,7 @@ from waso.api.tenancy import QuotaFacts, quota_facts
 from waso.kube import KubeClient
 from waso.operator.config import load_config
 from waso.operator.controller import Controller
-from waso.operator.resources import ACCESS_FINALIZER, SELECTOR
+from waso.operator.resources import IDENTITY_FINALIZER, SELECTOR
 from waso.operator.world import PodFacts, SessionFacts, pod_facts, session_facts
 
 SESSIONS = (GROUP, VERSION, WhatsAppSession.PLURAL)
@@ -94,9 +94,9 @@ def session_pods_by_tenant(body: kopf.Body, **_: Any) -> dict[str, PodFacts] | N
 
 
 @kopf.index(*ROLES, labels={"app.kubernetes.io/managed-by": "waso-operator"}, when=in_scope)
-def runtime_access_by_tenant(body: kopf.Body, **_: Any) -> dict[str, bool]:
+def runtime_identity_by_tenant(body: kopf.Body, **_: Any) -> dict[str, bool]:
     """Tenants whose runtime Role is held by the access finalizer (found again after an operator restart)."""
-    return {str(body["metadata"]["namespace"]): ACCESS_FINALIZER in (body["metadata"].get("finalizers") or [])}
+    return {str(body["metadata"]["namespace"]): IDENTITY_FINALIZER in (body["metadata"].get("finalizers") or [])}
 
 
 @kopf.on.event(*SESSIONS, when=in_scope)
@@ -108,6 +108,6 @@ def poke(memo: kopf.Memo, **kwargs: Any) -> None:
     sessions: kopf.Index[str, SessionFacts] = kwargs["sessions_by_tenant"]
     quotas: kopf.Index[str, QuotaFacts] = kwargs["quotas_by_tenant"]
     pods: kopf.Index[str, PodFacts] = kwargs["session_pods_by_tenant"]
-    access: kopf.Index[str, bool] = kwargs["runtime_access_by_tenant"]
+    access: kopf.Index[str, bool] = kwargs["runtime_identity_by_tenant"]
     memo.controller.attach(sessions, quotas, pods, access)
     memo.controller.poke()

@@ -163,8 +163,18 @@ def network_policy(namespace: str) -> dict[str, Any]:
     }
 
 
-def service_account(namespace: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(RUNTIME_ACCOUNT, namespace)}
+def service_account(namespace: str, keep: bool = True) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _access_meta(namespace, keep)}
+
+
+IDENTITY_FINALIZER = "waso.dev/runtime-identity"
+"""On the runtime's ServiceAccount, Role and RoleBinding while the tenant has sessions: deleting the
+namespace removes them at once (and a token of a deleted ServiceAccount stops working), but a runtime
+stopping in it still has to unlink its devices and report that it did."""
+
+
+def _access_meta(namespace: str, keep: bool) -> dict[str, Any]:
+    return {**_meta(RUNTIME_ACCOUNT, namespace), "finalizers": [IDENTITY_FINALIZER] if keep else []}
 
 
 RUNTIME_RULES: list[dict[str, Any]] = [
@@ -179,15 +189,6 @@ RUNTIME_RULES: list[dict[str, Any]] = [
     # Its own namespace only (a Role grants nothing elsewhere): on SIGTERM, is the tenant being deleted?
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
 ]
-
-
-ACCESS_FINALIZER = "waso.dev/runtime-access"
-"""On the runtime's Role and RoleBinding while the tenant has sessions: deleting the namespace removes
-them at once, but a runtime stopping in it still has to unlink its devices and report that it did."""
-
-
-def _access_meta(namespace: str, keep: bool) -> dict[str, Any]:
-    return {**_meta(RUNTIME_ACCOUNT, namespace), "finalizers": [ACCESS_FINALIZER] if keep else []}
 
 
 def runtime_role(namespace: str, keep: bool = True) -> dict[str, Any]:
@@ -217,7 +218,7 @@ def tenant_objects(
     Without sessions the runtime's access is no longer held by a finalizer.
     """
     return [
-        service_account(namespace),
+        service_account(namespace, has_sessions),
         runtime_role(namespace, has_sessions),
         runtime_role_binding(namespace, has_sessions),
         headless_service(namespace),

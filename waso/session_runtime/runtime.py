@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,7 +89,7 @@ class Runtime:
         )
         self.http: aiohttp.ClientSession | None = None
         self.pairing_slots = asyncio.Semaphore(config.pairing_workers)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- transports -------------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ class Runtime:
         if kind == "DELETED":
             supervisor = self.sessions.pop(name, None)
             if supervisor is not None:
-                self._tasks.append(asyncio.create_task(self._retire(name, supervisor)))
+                self._spawn(self._retire(name, supervisor), f"retire:{name}")
             return
         session = WhatsAppSession.model_validate(obj)
         self.reporter.observe(session)
@@ -133,14 +133,19 @@ class Runtime:
             self._start_erasing(name, supervisor)
         elif supervisor.holds_lease():
             # Someone else's write (or a stale one) may show; the holder puts the truth back.
-            self._tasks.append(asyncio.create_task(supervisor.report()))
+            self._spawn(supervisor.report(), f"report:{name}")
 
     def _start_erasing(self, name: str, supervisor: SessionSupervisor) -> asyncio.Task[None] | None:
         if name in self.erasing:
             return None
         self.erasing.add(name)
-        task = asyncio.create_task(self._erase(name, supervisor), name=f"erase:{name}")
-        self._tasks.append(task)
+        return self._spawn(self._erase(name, supervisor), f"erase:{name}")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A background task, kept until it ends (and cancelled with the runtime)."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
     async def _erase(self, name: str, supervisor: SessionSupervisor) -> None:
@@ -234,11 +239,9 @@ class Runtime:
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession()
-        self._tasks += [
-            asyncio.create_task(self._watch_sessions(), name="session-watch"),
-            asyncio.create_task(self._poll_quota(), name="quota"),
-            asyncio.create_task(self._heartbeat(), name="heartbeat"),
-        ]
+        self._spawn(self._watch_sessions(), "session-watch")
+        self._spawn(self._poll_quota(), "quota")
+        self._spawn(self._heartbeat(), "heartbeat")
 
     async def _namespace_terminating(self) -> bool:
         try:
@@ -261,9 +264,8 @@ class Runtime:
             await asyncio.gather(*(t for t in erasing if t is not None), return_exceptions=True)
         erasing_now = [t for t in self._tasks if t.get_name().startswith("erase:") and not t.done()]
         await asyncio.gather(*erasing_now, return_exceptions=True)
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         await asyncio.gather(*(s.close() for s in self.sessions.values()), return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.leases.release(f"waso-runtime-{self.config.pod_name}")

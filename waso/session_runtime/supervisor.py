@@ -225,6 +225,8 @@ class SessionSupervisor:
             else:
                 delay = max(action.minimum, self.backoff.next())
         await self.report()
+        view = self.view
+        self._notify("status", {"state": view.state.value, "jid": view.jid, "lastError": view.last_error})
         return delay
 
     async def touch(self) -> None:
@@ -236,8 +238,6 @@ class SessionSupervisor:
         if not self.holds_lease():
             return
         await self.report_to(self.identity.name, runtime_status(self.view))
-        view = self.view
-        self._notify("status", {"state": view.state.value, "jid": view.jid, "lastError": view.last_error})
 
     def _notify(self, event: str, data: dict[str, Any]) -> None:
         for listener in list(self.listeners):
