@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from tests.test_decisions import facts
@@ -172,3 +173,25 @@ def test_refused_tenant_workloads_back_off_to_a_minute() -> None:
         retry = retry_after(retry, T0)
         delays.append((retry.at - T0).total_seconds())
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def _story(*runtimes: RuntimeStatus) -> list[EventReason]:
+    """Events along a sequence of runtime reports, each pass starting from the status the last one wrote."""
+    status = desired_status(facts("s1", shard=0, runtime=runtimes[0]), ADMITTED, 0, T0)
+    reasons: list[EventReason] = []
+    for i, runtime in enumerate(runtimes[1:], start=1):
+        seen = replace(facts("s1", shard=0), status=status.model_copy(update={"runtime": runtime}))
+        after = desired_status(seen, ADMITTED, 0, seconds(i))
+        reasons += [e.reason for e in lifecycle_events("acme", status.conditions, after.conditions)]
+        status = after
+    return reasons
+
+
+def test_a_logout_then_a_new_pairing_is_re_paired_even_through_intermediate_states() -> None:
+    connecting = RuntimeStatus(state=RuntimeState.CONNECTING)
+    story = _story(CONNECTED, LOGGED_OUT, connecting, PAIRING, CONNECTED)
+    assert story == [EventReason.LOGGED_OUT, EventReason.RE_PAIRED]
+    assert _story(PAIRING, connecting, PAIRING, CONNECTED, DISCONNECTED, CONNECTED) == [
+        EventReason.PAIRED,
+        EventReason.RECONNECTED,
+    ]

@@ -11,10 +11,12 @@ from datetime import datetime
 
 from waso.api.base import format_timestamp
 from waso.api.conditions import (
+    Condition,
     ConditionStatus,
     ConditionType,
     Progress,
     Reason,
+    find_condition,
     set_condition,
     set_kstatus,
 )
@@ -33,12 +35,13 @@ def runtime_endpoint(namespace: str, name: str, shard: int) -> str:
     return f"http://waso-sessions-{shard}.waso-sessions.{namespace}.svc:{RUNTIME_PORT}/v1/sessions/{name}"
 
 
-def _paired(runtime: RuntimeStatus | None) -> tuple[ConditionStatus, Reason, str]:
+def _paired(runtime: RuntimeStatus | None, before: Condition | None) -> tuple[ConditionStatus, Reason, str]:
     if runtime is None or runtime.state is None:
         return "Unknown", Reason.NO_RUNTIME_REPORT, "no session runtime has reported yet"
     if runtime.stored_jid:
         return "True", Reason.PAIRED, f"credentials stored for {runtime.stored_jid}"
-    if runtime.state == RuntimeState.LOGGED_OUT:
+    logged_out = before is not None and before.status == "False" and before.reason == Reason.LOGGED_OUT
+    if runtime.state == RuntimeState.LOGGED_OUT or logged_out:  # until paired again, that is why
         return "False", Reason.LOGGED_OUT, "WhatsApp logged the device out; pair it again"
     return "False", Reason.NOT_PAIRED, "no credentials stored: scan the QR code or enter the pairing code"
 
@@ -137,7 +140,7 @@ def desired_status(
         conditions = set_condition(conditions, type_, status, reason, message, observed_generation=generation, now=now)
 
     put(ConditionType.ADMITTED, "True" if verdict.admitted else "False", verdict.reason, verdict.message)
-    put(ConditionType.PAIRED, *_paired(runtime))
+    put(ConditionType.PAIRED, *_paired(runtime, find_condition(conditions, ConditionType.PAIRED)))
     put(ConditionType.CONNECTED, *_connected(runtime, pod))
     healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
     put(ConditionType.DEVICE_HEALTHY, healthy, health.reason, health.message)
