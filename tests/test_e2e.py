@@ -314,7 +314,8 @@ def test_a_ban_with_an_expiry_reconciles_and_heals_and_lifecycle_changes_are_eve
         return found if found and found["reason"] == "Banned" else None
 
     said = wait_for(reconciling, timeout=60, what="Reconciling=True reason Banned", interval=0.5)
-    assert banned.body["expiresAt"] in said["message"]
+    until = datetime.fromisoformat(banned.body["expiresAt"]).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert until in said["message"]
     session = get(api, namespace, "s1")
     assert session["status"]["phase"] == "Banned"
     assert condition(session, "Stalled") is None
