@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import shutil
 from collections.abc import Callable, Coroutine
@@ -239,6 +240,10 @@ class Runtime:
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession()
+        if self.config.transport == "neonize":
+            # Loading neonize (Go runtime included) takes seconds: in a thread, not on the event loop.
+            await asyncio.to_thread(importlib.import_module, "waso.session_runtime.neonize_transport")
+            await asyncio.to_thread(importlib.import_module, "neonize.aioze.client")
         self._spawn(self._watch_sessions(), "session-watch")
         self._spawn(self._poll_quota(), "quota")
         self._spawn(self._heartbeat(), "heartbeat")
