@@ -26,6 +26,7 @@ the role that rancher's local-path-provisioner plays in kind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ PROVISIONER = "waso.dev/local-node"
 KERNEL_SETTINGS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 REGISTRY = Path("/tmp/waso-local-nodes")  # shared by every node on this machine: the kernel settings to restore
 CGROUP_FS = Path("/sys/fs/cgroup")
+PROC_SYS = Path("/proc/sys")
 # Inside the node's mount namespace, per-node directories cover the paths kubelet and containerd use, so both
 # run with their usual paths: short ones, which matters for unix sockets (108 bytes at most).
 NODE_MOUNTS = (
@@ -243,13 +246,13 @@ def init(plan_file: Path) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     status = 0
     try:
+        create_cgroup_root(plan.net.cgroup_root)
+        join_own_cgroup(plan.net.cgroup_root)  # live from now on: a node stopping meanwhile leaves the settings
         record_kernel_settings(plan.network)
         _wait_for_link(stop)
         _mount_private_dirs(node_dir)
         _write_sysctl("net/ipv4/ip_forward", "1")
         _write_sysctl("net/bridge/bridge-nf-call-iptables", "1")
-        create_cgroup_root(plan.net.cgroup_root)
-        join_own_cgroup(plan.net.cgroup_root)
         configs = _write_configs(plan)
         env = {**os.environ, "PATH": f"{plan.bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
         binaries = Path(plan.bin)
@@ -620,24 +623,37 @@ def _hierarchies() -> list[Path]:
     return sorted(p for p in CGROUP_FS.iterdir() if p.is_dir() and (p / "cgroup.procs").exists())
 
 
-def record_kernel_settings(index: int) -> None:
-    """Remember the machine's values unless another node runs (it changed them already)."""
+@contextlib.contextmanager
+def _kernel_settings_lock() -> Iterator[Path]:
+    """Record and release are check-then-act across nodes starting and stopping at once."""
     REGISTRY.mkdir(parents=True, exist_ok=True)
-    saved = REGISTRY / "kernel.json"
-    if not saved.exists() or not _other_live_nodes(index):
-        values = {name: (Path("/proc/sys") / name).read_text().strip() for name in KERNEL_SETTINGS}
-        saved.write_text(json.dumps(values))
+    with (REGISTRY / "kernel.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield REGISTRY / "kernel.json"
+
+
+def record_kernel_settings(index: int) -> None:
+    """Remember the machine's values, once: the first node records them, the last one restores them.
+
+    The node is live (in its cgroup) before it records, so a node stopping at the same time
+    sees it and leaves the settings alone. A record left by a node that died unreleased is
+    kept: it holds the machine's values, and the live values may be that node's.
+    """
+    with _kernel_settings_lock() as saved:
+        if not saved.exists():
+            values = {name: (PROC_SYS / name).read_text().strip() for name in KERNEL_SETTINGS}
+            saved.write_text(json.dumps(values))
 
 
 def release_kernel_settings(index: int) -> None:
     """The last node to stop restores the machine's values."""
-    saved = REGISTRY / "kernel.json"
-    if _other_live_nodes(index) or not saved.exists():
-        return
-    for name, value in json.loads(saved.read_text()).items():
-        with contextlib.suppress(OSError):
-            (Path("/proc/sys") / name).write_text(value)
-    saved.unlink(missing_ok=True)
+    with _kernel_settings_lock() as saved:
+        if _other_live_nodes(index) or not saved.exists():
+            return
+        for name, value in json.loads(saved.read_text()).items():
+            with contextlib.suppress(OSError):
+                (PROC_SYS / name).write_text(value)
+        saved.unlink(missing_ok=True)
 
 
 def join_own_cgroup(root: str, leave: bool = False) -> None:
@@ -663,7 +679,7 @@ def _other_live_nodes(index: int) -> list[Path]:
 
 
 def _write_sysctl(name: str, value: str) -> None:
-    (Path("/proc/sys") / name).write_text(value)
+    (PROC_SYS / name).write_text(value)
 
 
 def _reap() -> None:
