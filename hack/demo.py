@@ -89,7 +89,7 @@ def run(cluster: LocalCluster, args: argparse.Namespace, started: float, stop: d
     ready_pods = [*kubectl, "wait", "--for=condition=Ready", "pods", "-A", "-l", "app.kubernetes.io/name=waso-sessions"]
     subprocess.run([*ready_pods, f"--timeout={max(1, deadline - time.monotonic()):.0f}s"], check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
-    subprocess.run([*kubectl, "get", "tq,was,pods", "-A"], check=True)
+    subprocess.run([*kubectl, "get", "tq,was,pods", "-A", "-o", "wide"], check=True)
     print(f"\nevery session is Ready ({time.monotonic() - started:.0f} s after start): paired through the simulator,")
     print("running in its tenant's session pod on a real kubelet node.\n")
     if args.exit:

@@ -24,7 +24,8 @@ def test_demo_pairs_every_sample_session_in_its_tenants_pod(tmp_path: Path) -> N
     assert len(sessions) == 5
     connected = [row for row in sessions if row[3] == "Connected"]
     assert len(connected) == 4
-    assert {row[4] for row in connected} == {"11"}  # device numbers above 10 are normal
+    # -o wide: NAMESPACE NAME PHONE PHASE READY REASON SHARD AGE DEVICE ...
+    assert {row[8] for row in connected} == {"11"}  # device numbers above 10 are normal
     pods = {
         (row[0], row[1].split("-")[0], row[2], row[3]) for row in rows if len(row) > 3 and row[1].startswith("pod/")
     }
