@@ -13,11 +13,12 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -57,6 +58,18 @@ RESOURCES: dict[str, Resource] = {
     "Lease": Resource("coordination.k8s.io/v1", "leases"),
     **{d.kind: Resource(API_VERSION, d.plural) for d in DEFINITIONS},
 }
+
+
+class Unreachable(ConnectionError):
+    """The API server did not answer (refused, reset, timed out): an OSError, so I/O handlers catch it."""
+
+
+def _lines(response: Any) -> Iterator[str]:
+    """The lines of a streamed response; a broken stream raises Unreachable."""
+    try:
+        yield from iter_resp_lines(response)  # type: ignore[no-untyped-call]
+    except urllib3.exceptions.HTTPError as error:
+        raise Unreachable(f"watch stream broke: {error}") from error
 
 
 class ApiError(Exception):
@@ -141,6 +154,8 @@ class KubeClient:
             response = self.api.call_api(*serialized, _request_timeout=timeout)
         except ApiException as error:
             raise ApiError.from_response(error.status or 0, error.reason or "", error.body) from None
+        except urllib3.exceptions.HTTPError as error:
+            raise Unreachable(f"{method} {path}: {error}") from error
         if not 200 <= response.status < 300:
             raise ApiError.from_response(response.status, response.reason, response.read())  # type: ignore[no-untyped-call]
         if stream:
@@ -197,7 +212,7 @@ class KubeClient:
             response = None
             try:
                 response = self._call("GET", path, query=query, timeout=timeout_seconds + 10, stream=True)
-                for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                for line in _lines(response):
                     if stop.is_set():
                         break
                     event = json.loads(line)

@@ -92,6 +92,10 @@ class StatusWriter:
                 return Result(Outcome.GONE, error=error)
             log.warning("status of %s %s/%s not written: %s", self.kind, namespace, name, error)
             return Result(Outcome.FAILED, error=error)
+        except OSError as error:  # unreachable: what the server holds is unknown
+            self.forget(namespace, name)
+            log.warning("status of %s %s/%s not written: %s", self.kind, namespace, name, error)
+            return Result(Outcome.FAILED)
         written = revision(result["metadata"].get("resourceVersion"))
         self._written[(namespace, name)] = _Write(desired, written)
         self.writes += 1

@@ -319,6 +319,9 @@ class Controller:
         }
         try:
             await self.kube.create(event, MANAGER)
+        except OSError as error:
+            log.warning("event for %s not recorded: %s", session.key, error)
+            return
         except ApiError as error:
             if error.status != 403 or session.namespace == self.event_namespace:
                 log.warning("event for %s not recorded: %s", session.key, error)
@@ -330,7 +333,7 @@ class Controller:
             }
             try:
                 await self.kube.create(event, MANAGER)
-            except ApiError as again:
+            except (ApiError, OSError) as again:
                 log.warning("event for %s not recorded: %s", session.key, again)
 
     async def _write_quota(self, quota: QuotaFacts, honoured: QuotaFacts | None, used: int, now: datetime) -> None:
@@ -359,8 +362,8 @@ class Controller:
             for obj in objects:
                 try:
                     await self.kube.apply(obj, MANAGER)
-                except ApiError as error:
-                    failures.append(error)
+                except (ApiError, OSError) as error:
+                    failures.append(error if isinstance(error, ApiError) else ApiError(0, "Unreachable", str(error)))
                     if has_sessions:
                         break  # in creation order: what follows needs what failed
         self.applied_tenants.pop(namespace, None)
