@@ -12,7 +12,8 @@ import json
 from typing import Any
 
 from waso.api.base import GROUP
-from waso.api.quota import TenantQuotaSpec
+from waso.api.quota import TenantQuota, TenantQuotaSpec
+from waso.api.session import WhatsAppSession
 from waso.operator.config import OperatorConfig
 from waso.operator.status import RUNTIME_PORT
 
@@ -178,8 +179,12 @@ def _access_meta(namespace: str, keep: bool) -> dict[str, Any]:
 
 
 RUNTIME_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [GROUP], "resources": ["whatsappsessions", "tenantquotas"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [GROUP], "resources": ["whatsappsessions/status"], "verbs": ["get", "patch"]},
+    {
+        "apiGroups": [GROUP],
+        "resources": [WhatsAppSession.PLURAL, TenantQuota.PLURAL],
+        "verbs": ["get", "list", "watch"],
+    },
+    {"apiGroups": [GROUP], "resources": [f"{WhatsAppSession.PLURAL}/status"], "verbs": ["get", "patch"]},
     {
         "apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"],
