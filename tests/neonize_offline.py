@@ -141,6 +141,9 @@ class AlwaysHeld:
     async def release(self, name: str) -> None:
         return None
 
+    def retry_after(self, name: str) -> float:
+        return 1.0
+
 
 def own_children() -> list[int]:
     """Processes whose parent is this one (zombies included)."""

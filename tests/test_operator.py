@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -31,6 +32,10 @@ from tests.operator_support import (
 )
 from tests.support import free_port, wait_for
 from waso.api.base import GROUP, VERSION
+from waso.kube import KubeClient, load_api_client
+from waso.operator.config import OperatorConfig
+from waso.operator.controller import Controller
+from waso.operator.world import session_facts
 
 
 @pytest.fixture
@@ -367,3 +372,34 @@ def test_exactly_the_cap_is_admitted_from_200_concurrent_creates_across_a_restar
     assert sum(1 for s in sessions if admitted(s)) == 35, log.read_text()[-3000:]
     assert {condition(s, "Admitted")["reason"] for s in sessions if not admitted(s)} == {"CapacityExceeded"}
     assert peak["admitted"] == 35
+
+
+def test_an_event_a_terminating_tenant_namespace_refuses_is_kept_in_the_operators_namespace(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    """The CredentialsNotErased warning of a namespace being deleted must not be lost."""
+    api, core = control_plane.api, client.CoreV1Api(control_plane.api)
+    namespace = tenants.namespace("closing")
+    session = session_facts(create_session(api, namespace, "s1", phone(950)))
+    holder = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="holder", finalizers=["waso.dev/test"]))
+    core.create_namespaced_config_map(namespace, holder)  # keeps the namespace Terminating
+    core.delete_namespace(namespace)
+    wait_for(lambda: core.read_namespace(namespace).status.phase == "Terminating", timeout=30, what="Terminating")
+
+    async def record() -> None:
+        kube = KubeClient(load_api_client(), threads=2)
+        try:
+            controller = Controller(OperatorConfig(), kube)
+            await controller._event(session, "CredentialsNotErased", "no runtime confirmed", "Warning", None)
+        finally:
+            kube.close()
+
+    try:
+        asyncio.run(record())
+        kept = core.list_namespaced_event("default", field_selector="involvedObject.name=s1").items
+        mine = [e for e in kept if e.involved_object.namespace == namespace]
+        assert [e.reason for e in mine] == ["CredentialsNotErased"]
+        assert mine[0].type == "Warning"
+        assert mine[0].action == "CredentialsNotErased"
+    finally:
+        core.patch_namespaced_config_map("holder", namespace, {"metadata": {"finalizers": None}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,3 +100,77 @@ def test_placement_keeps_shards_and_fills_new_sessions_within_room(
         assert load[shards[session.uid]] <= max(per_pod, held_there)
     needed = replicas_needed(shards, running)
     assert all(shards[uid] < needed for uid, run in running.items() if run and uid in shards)
+
+
+def test_a_standby_retries_just_after_the_holders_lease_runs_out() -> None:
+    from waso.session_runtime.lease_keeper import LeaseKeeper
+
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    keeper = LeaseKeeper(None, "acme", "pod-b/2", 15, lambda: now)  # type: ignore[arg-type]
+    assert keeper.retry_after("waso-session-s1") == 5.0  # nothing read yet: a third of the duration
+    keeper.expiries["waso-session-s1"] = now + timedelta(seconds=2)
+    assert keeper.retry_after("waso-session-s1") == 2.1
+    keeper.expiries["waso-session-s1"] = now - timedelta(seconds=1)
+    assert keeper.retry_after("waso-session-s1") == 0.2
+
+
+def test_a_failed_status_write_is_made_again_while_the_lease_is_held() -> None:
+    import asyncio
+
+    from waso.api.session import RuntimeState, RuntimeStatus
+    from waso.session_runtime.supervisor import SessionSupervisor
+    from waso.session_runtime.transport import Connected, SessionIdentity, Transport
+
+    class Live(Transport):
+        def stored_jid(self) -> str | None:
+            return "4915112345601:11@s.whatsapp.net"
+
+        async def start(self) -> None:
+            self.events.put_nowait(Connected("4915112345601:11@s.whatsapp.net", None))
+
+        async def stop(self) -> None: ...
+
+        async def send_text(self, to: str, text: str) -> str:
+            return "id"
+
+        async def request_pair_code(self) -> str:
+            return "code"
+
+        async def unlink(self) -> None: ...
+
+    class Held:
+        duration = 3
+
+        async def hold(self, name: str) -> datetime:
+            return datetime.now(UTC)
+
+        async def release(self, name: str) -> None: ...
+
+        def retry_after(self, name: str) -> float:
+            return 1.0
+
+    stored: list[RuntimeState | None] = []
+    attempts: list[RuntimeState | None] = []
+    connected = asyncio.Event()
+
+    async def flaky(name: str, status: RuntimeStatus) -> None:
+        attempts.append(status.state)
+        if status.state == RuntimeState.CONNECTED and RuntimeState.CONNECTED not in attempts[:-1]:
+            return  # the first write of Connected is lost
+        if not stored or stored[-1] != status.state:
+            stored.append(status.state)
+        if status.state == RuntimeState.CONNECTED:
+            connected.set()
+
+    async def scenario() -> None:
+        identity = SessionIdentity("acme", "s1", "+4915112345601", "waso", Path("/nonexistent"))
+        supervisor = SessionSupervisor(identity, Live, Held(), flaky)
+        supervisor.start()
+        supervisor.want(True)
+        async with asyncio.timeout(30):
+            await connected.wait()  # put right at the next renewal (every second)
+        await supervisor.close()
+
+    asyncio.run(scenario())
+    assert stored[-1] == RuntimeState.STOPPED
+    assert RuntimeState.CONNECTED in stored

@@ -10,6 +10,7 @@ Callers see dicts and ``ApiError``; none of them imports the client.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import threading
@@ -68,7 +69,7 @@ def _lines(response: Any) -> Iterator[str]:
     """The lines of a streamed response; a broken stream raises Unreachable."""
     try:
         yield from iter_resp_lines(response)  # type: ignore[no-untyped-call]
-    except urllib3.exceptions.HTTPError as error:
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException) as error:
         raise Unreachable(f"watch stream broke: {error}") from error
 
 
@@ -152,15 +153,15 @@ class KubeClient:
         )
         try:
             response = self.api.call_api(*serialized, _request_timeout=timeout)
+            if not 200 <= response.status < 300:
+                raise ApiError.from_response(response.status, response.reason, response.read())  # type: ignore[no-untyped-call]
+            if stream:
+                return response.response
+            return json.loads(response.read())  # type: ignore[no-untyped-call]
         except ApiException as error:
             raise ApiError.from_response(error.status or 0, error.reason or "", error.body) from None
-        except urllib3.exceptions.HTTPError as error:
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException) as error:
             raise Unreachable(f"{method} {path}: {error}") from error
-        if not 200 <= response.status < 300:
-            raise ApiError.from_response(response.status, response.reason, response.read())  # type: ignore[no-untyped-call]
-        if stream:
-            return response.response
-        return json.loads(response.read())  # type: ignore[no-untyped-call]
 
     async def _request(
         self,
@@ -224,7 +225,8 @@ class KubeClient:
             except BaseException as error:  # handed to the reader
                 loop.call_soon_threadsafe(events.put_nowait, error)
             finally:
-                if response is not None:
+                if response is not None:  # closed, not returned half-read to the pool
+                    response.close()
                     response.release_conn()
 
         threading.Thread(target=pump, name=f"watch-{kind}", daemon=True).start()

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -66,15 +67,16 @@ def own_namespace() -> str:
 
 @dataclass(frozen=True)
 class Retry:
-    """A tenant whose workload was refused: not tried again before ``at``."""
+    """A tenant whose workload was refused: the same objects are not tried again before ``at``."""
 
     attempts: int
     at: datetime
+    fingerprint: str = ""
 
 
-def retry_after(previous: Retry | None, now: datetime, cap: float = 60.0) -> Retry:
+def retry_after(previous: Retry | None, now: datetime, fingerprint: str = "", cap: float = 60.0) -> Retry:
     attempts = (previous.attempts if previous else 0) + 1
-    return Retry(attempts, now + timedelta(seconds=min(cap, 2 ** (attempts - 1))))
+    return Retry(attempts, now + timedelta(seconds=min(cap, 2 ** (attempts - 1))), fingerprint)
 
 
 class Controller:
@@ -168,15 +170,13 @@ class Controller:
         shards: dict[str, int] = {}
         tenant_writes = []
         held = {ns for ns, finalized in list(self.access.items()) if any(finalized)}
-        for namespace in namespaces | set(self.applied_tenants) | held:
+        for namespace in namespaces | set(self.applied_tenants) | held | set(self.tenant_retries):
             spec = self._quota_spec(honoured.get(namespace))
             tenant_shards = assign_shards(by_tenant.get(namespace, []), running, spec.sessions_per_pod)
             shards.update(tenant_shards)
             replicas = replicas_needed(tenant_shards, served)
-            retry = self.tenant_retries.get(namespace)
-            if retry is None or now >= retry.at:
-                has_sessions = namespace in namespaces
-                tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions, now))
+            has_sessions = namespace in namespaces
+            tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions, now))
 
         session_writes = []
         tally: Counter[tuple[str, str]] = Counter()
@@ -208,7 +208,13 @@ class Controller:
         metrics.publish_sessions(tally)  # what this pass decided, published before it is written
         metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
         # Independent writes: tenant workloads, session and quota statuses share the write budget.
-        await asyncio.gather(*tenant_writes, *session_writes, *quota_writes)
+        # A pass always waits for all its writes, so the next one never races a write still in flight.
+        results = await asyncio.gather(*tenant_writes, *session_writes, *quota_writes, return_exceptions=True)
+        for failure in (r for r in results if isinstance(r, BaseException)):
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure
+            log.error("a write of pass %d failed", self.passes, exc_info=failure)
+            self.poke_later(1)
         log.debug(
             "pass %d: %d sessions, %d session writes, %d tenants",
             self.passes,
@@ -247,8 +253,8 @@ class Controller:
             ):
                 try:
                     await self.kube.apply(_ownership(ref, desired.shard, finalizer=True), MANAGER)
-                except ApiError as error:
-                    if error.status != 404:  # deleted meanwhile: nothing to do
+                except (ApiError, OSError) as error:
+                    if not isinstance(error, ApiError) or error.status != 404:  # 404: deleted meanwhile
                         log.warning("shard of %s not recorded: %s", session.key, error)
                         self.poke_later(1)
                     return
@@ -270,8 +276,8 @@ class Controller:
         async with self._writes:
             try:
                 await self.kube.apply(_ownership(ref, session.shard, finalizer=False), MANAGER)
-            except ApiError as error:
-                if error.status != 404:
+            except (ApiError, OSError) as error:
+                if not isinstance(error, ApiError) or error.status != 404:
                     log.warning("finalizer of %s not released: %s", session.key, error)
                     self.poke_later(1)
                 return
@@ -327,9 +333,15 @@ class Controller:
                 log.warning("event for %s not recorded: %s", session.key, error)
                 return
             # The tenant namespace is being deleted and takes no new objects: keep the Event with the operator.
+            # An Event outside its object's namespace must be a "new" one: eventTime, action, reporter.
             event["metadata"] = {
                 "generateName": f"{session.namespace}.{session.name}.",
                 "namespace": self.event_namespace,
+            }
+            event |= {
+                "eventTime": self.clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "action": reason,
+                "reportingInstance": f"{MANAGER}-{os.uname().nodename}",
             }
             try:
                 await self.kube.create(event, MANAGER)
@@ -357,24 +369,29 @@ class Controller:
         fingerprint = json.dumps(objects, sort_keys=True)
         if self.applied_tenants.get(namespace) == fingerprint:
             return
+        retry = self.tenant_retries.get(namespace)
+        if retry is not None and retry.fingerprint == fingerprint and now < retry.at:
+            return  # the same objects were refused a moment ago
+        if not has_sessions:
+            # Letting go: the Role (which the operator indexes) last, so that a tenant whose other
+            # objects still hold their finalizer is found again, also after a restart.
+            objects.sort(key=lambda obj: obj["kind"] == "Role")
         failures: list[ApiError] = []
+        gone = False
         async with self._writes:
             for obj in objects:
+                if failures and (has_sessions or obj["kind"] == "Role"):
+                    break  # in creation order, what follows needs what failed; the Role waits for the rest
                 try:
                     await self.kube.apply(obj, MANAGER)
                 except (ApiError, OSError) as error:
-                    failures.append(error if isinstance(error, ApiError) else ApiError(0, "Unreachable", str(error)))
-                    if has_sessions:
-                        break  # in creation order: what follows needs what failed
+                    refused = error if isinstance(error, ApiError) else ApiError(0, "Unreachable", str(error))
+                    if has_sessions or refused.status not in (403, 404):
+                        failures.append(refused)
+                    gone = True  # without sessions, 403/404: the namespace is being deleted or gone
         self.applied_tenants.pop(namespace, None)
-        if not has_sessions and all(error.status in (403, 404) for error in failures):
-            # Gone or being deleted: every object that still exists has let go of the runtime's access.
-            self.tenant_retries.pop(namespace, None)
-            if not failures:
-                self.applied_tenants[namespace] = fingerprint
-            return
         if failures:
-            retry = retry_after(self.tenant_retries.get(namespace), now)
+            retry = retry_after(retry, now, fingerprint)
             self.tenant_retries[namespace] = retry
             log.warning(
                 "tenant %s workload not applied (attempt %d, next in %.0f s): %s",
@@ -383,6 +400,8 @@ class Controller:
             self.poke_later((retry.at - now).total_seconds())
             return
         self.tenant_retries.pop(namespace, None)
+        if gone:
+            return  # everything that still exists has let go of the runtime's identity: forget the tenant
         self.applied_tenants[namespace] = fingerprint
         log.info("tenant %s: %d session pod(s)", namespace, replicas)
 

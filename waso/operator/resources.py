@@ -95,7 +95,8 @@ def statefulset(namespace: str, quota: TenantQuotaSpec, config: OperatorConfig, 
                 "metadata": {"labels": dict(LABELS)},
                 "spec": {
                     "serviceAccountName": RUNTIME_ACCOUNT,
-                    "terminationGracePeriodSeconds": 30,
+                    # Room to unlink every device when the namespace is deleted; a normal stop takes seconds.
+                    "terminationGracePeriodSeconds": 90,
                     "enableServiceLinks": False,
                     "securityContext": {
                         "runAsNonRoot": True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from waso.kube import ApiError, KubeClient
@@ -27,6 +27,8 @@ class LeaseKeeper:
         self.identity = identity
         self.duration = duration_seconds
         self.clock = clock
+        self.expiries: dict[str, datetime] = {}
+        """When each lease that someone else holds runs out, as last read."""
 
     async def _read(self, name: str) -> dict[str, Any] | None:
         try:
@@ -51,7 +53,10 @@ class LeaseKeeper:
             )
         action = lease_action(view, self.identity, now)
         if action == LeaseAction.WAIT:
+            if view is not None and view.renew_time is not None:
+                self.expiries[name] = view.renew_time + timedelta(seconds=view.duration_seconds or 0)
             return None
+        self.expiries.pop(name, None)
         spec = {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": self.duration,
@@ -78,6 +83,14 @@ class LeaseKeeper:
             log.info("lease %s taken over from %s", name, view.holder if view else None)
         return now
 
+    def retry_after(self, name: str) -> float:
+        """A standby tries again just after the holder's lease would run out, and at least every third of it."""
+        interval = max(1.0, self.duration / 3)
+        expiry = self.expiries.get(name)
+        if expiry is None:
+            return interval
+        return min(interval, max(0.2, (expiry - self.clock()).total_seconds() + 0.1))
+
     async def release(self, name: str) -> None:
         """Give the lease up so that another runtime need not wait for it to expire."""
         try:
@@ -90,6 +103,8 @@ class LeaseKeeper:
         except ApiError as error:
             if error.status not in (404, 409):
                 log.warning("lease %s not released: %s", name, error)
+        except OSError as error:  # it expires by itself
+            log.warning("lease %s not released: %s", name, error)
 
 
 def _micro_time(value: datetime) -> str:

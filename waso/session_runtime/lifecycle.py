@@ -32,6 +32,8 @@ ACTIVITY_GRANULARITY = timedelta(seconds=60)
 STREAM_REPLACED_PAUSE = 60.0
 """Another client took the socket: wait at least this long before taking it back."""
 UNKNOWN_BAN_PAUSE = 60.0
+LAST_ERROR_LIMIT = 4096
+"""status.runtime.lastError's maxLength: a longer error is cut, never refused."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,6 @@ def runtime_status(view: SessionView) -> RuntimeStatus:
         connected_at=view.connected_at if connected else None,
         last_activity_at=view.reported_activity,
         qr_expires_at=view.qr.expires_at if view.qr else None,
-        last_error=view.last_error,
+        last_error=view.last_error[:LAST_ERROR_LIMIT] if view.last_error else None,
         banned_until=view.banned_until if view.state == RuntimeState.BANNED else None,
     )

@@ -30,9 +30,11 @@ from waso.session_runtime.lease_keeper import MANAGER, LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import SessionIdentity, Transport, TransportError
-from waso.status_writer import StatusWriter
+from waso.status_writer import Outcome, Result, StatusWriter
 
 log = logging.getLogger("waso.runtime")
+STOP_ERASING_SECONDS = 60.0
+"""How long a stopping runtime waits for erasures in flight (the pod's grace period is 90 s)."""
 
 
 def wants_running(session: WhatsAppSession) -> bool:
@@ -58,10 +60,10 @@ class StatusReporter:
         wire = runtime.to_wire() if runtime else None
         self.observed[session.metadata.name] = (revision(session.metadata.resource_version), wire)
 
-    async def __call__(self, name: str, runtime: RuntimeStatus) -> None:
+    async def __call__(self, name: str, runtime: RuntimeStatus) -> Result:
         async with self.locks.setdefault(name, asyncio.Lock()):
             observed_revision, observed = self.observed.get(name, (0, None))
-            await self.writer.write(self.namespace, name, runtime.to_wire(), observed, observed_revision)
+            return await self.writer.write(self.namespace, name, runtime.to_wire(), observed, observed_revision)
 
     def forget(self, name: str) -> None:
         self.observed.pop(name, None)
@@ -78,7 +80,7 @@ class Runtime:
         self.leases = LeaseKeeper(kube, self.namespace, config.identity, config.lease_seconds, self.clock)
         self.reporter = StatusReporter(kube, self.namespace)
         self.sessions: dict[str, SessionSupervisor] = {}
-        self.erasing: set[str] = set()
+        self.erasing: dict[str, asyncio.Task[None]] = {}
         self.tenant_quota: TenantQuotaSpec = config.default_quota
         """The namespace's TenantQuota in force (the oldest), else the operator's default."""
         self.synced = asyncio.Event()
@@ -136,11 +138,15 @@ class Runtime:
             # Someone else's write (or a stale one) may show; the holder puts the truth back.
             self._spawn(supervisor.report(), f"report:{name}")
 
-    def _start_erasing(self, name: str, supervisor: SessionSupervisor) -> asyncio.Task[None] | None:
-        if name in self.erasing:
-            return None
-        self.erasing.add(name)
-        return self._spawn(self._erase(name, supervisor), f"erase:{name}")
+    def _start_erasing(self, name: str, supervisor: SessionSupervisor) -> asyncio.Task[None]:
+        """The erasure of a session, started once while it runs (it is idempotent once finished)."""
+        running = self.erasing.get(name)
+        if running is not None:
+            return running
+        task = self._spawn(self._erase(name, supervisor), f"erase:{name}")
+        self.erasing[name] = task
+        task.add_done_callback(lambda done: self.erasing.pop(name, None) if self.erasing.get(name) is done else None)
+        return task
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A background task, kept until it ends (and cancelled with the runtime)."""
@@ -150,31 +156,45 @@ class Runtime:
         return task
 
     async def _erase(self, name: str, supervisor: SessionSupervisor) -> None:
-        """A deleted session: disconnect, unlink the device at WhatsApp, erase the store, report Removed."""
+        """A deleted session: disconnect, unlink the device at WhatsApp, erase the store, report Removed.
+
+        Retried with back-off until the API server holds Removed (or the session is gone), so
+        that the operator never falls back to its timeout because one write failed.
+        """
         await supervisor.close()
         lease = supervisor.lease_name
-        try:
-            held = await self.leases.hold(lease) is not None
-        except ApiError as error:
-            # A namespace being deleted refuses new objects, a Lease included: nobody else can start it.
-            held = error.status == 403
-            if not held:
-                log.warning("%s: lease not readable (%s); not erasing now", name, error)
-                self.erasing.discard(name)
-                return
-        if not held:
-            log.info("%s: another runtime holds the session; it erases the credentials", name)
-            return
-        problem = None
-        try:
-            await self.make_transport(supervisor.identity).unlink()
-        except TransportError as failure:
-            problem = f"{failure}; credentials erased on this volume only"
-            log.warning("%s: %s", name, problem)
-        shutil.rmtree(supervisor.identity.store_dir, ignore_errors=True)
-        await self.reporter(name, RuntimeStatus(state=RuntimeState.REMOVED, last_error=problem))
-        await self.leases.release(lease)
-        log.info("%s: device unlinked and credentials erased", name)
+        delay = 1.0
+        while True:
+            try:
+                held = await self.leases.hold(lease) is not None
+            except ApiError as error:
+                # A namespace being deleted refuses new objects, a Lease included: nobody else can start it.
+                held = error.status == 403
+                if not held:
+                    log.warning("%s: lease not readable (%s); erasing later", name, error)
+            except OSError as error:
+                held = False
+                log.warning("%s: lease not readable (%s); erasing later", name, error)
+            else:
+                if not held:
+                    log.info("%s: another runtime holds the session; it erases the credentials", name)
+                    return
+            if held:
+                problem = None
+                try:
+                    await self.make_transport(supervisor.identity).unlink()  # nothing to do once erased
+                except TransportError as failure:
+                    problem = f"{failure}; credentials erased on this volume only"
+                    log.warning("%s: %s", name, problem)
+                shutil.rmtree(supervisor.identity.store_dir, ignore_errors=True)
+                result = await self.reporter(name, RuntimeStatus(state=RuntimeState.REMOVED, last_error=problem))
+                if result.outcome != Outcome.FAILED:
+                    with contextlib.suppress(ApiError, OSError):
+                        await self.leases.release(lease)
+                    log.info("%s: device unlinked and credentials erased", name)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
 
     async def _retire(self, name: str, supervisor: SessionSupervisor) -> None:
         await supervisor.close()
@@ -265,10 +285,10 @@ class Runtime:
         """
         if await self._namespace_terminating():
             log.info("namespace %s is being deleted: unlinking %d session(s)", self.namespace, len(self.sessions))
-            erasing = [self._start_erasing(name, s) for name, s in self.sessions.items()]
-            await asyncio.gather(*(t for t in erasing if t is not None), return_exceptions=True)
-        erasing_now = [t for t in self._tasks if t.get_name().startswith("erase:") and not t.done()]
-        await asyncio.gather(*erasing_now, return_exceptions=True)
+            for name, supervisor in self.sessions.items():
+                self._start_erasing(name, supervisor)
+        if self.erasing:  # bounded: the pod's grace period is longer, and a SIGKILL would end it anyway
+            await asyncio.wait(list(self.erasing.values()), timeout=STOP_ERASING_SECONDS)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(s.close() for s in self.sessions.values()), return_exceptions=True)

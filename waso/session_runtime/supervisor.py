@@ -31,7 +31,7 @@ from waso.session_runtime.lifecycle import (
     runtime_status,
     step,
 )
-from waso.session_runtime.transport import QrCode, SessionIdentity, Transport
+from waso.session_runtime.transport import Disconnected, QrCode, SessionIdentity, Transport
 
 log = logging.getLogger("waso.runtime")
 
@@ -62,8 +62,12 @@ class Leases(Protocol):
 
     async def release(self, name: str) -> None: ...
 
+    def retry_after(self, name: str) -> float:
+        """Seconds until another try to acquire ``name`` is worth it."""
+        ...
 
-Reporter = Callable[[str, RuntimeStatus], Awaitable[None]]
+
+Reporter = Callable[[str, RuntimeStatus], Awaitable[object]]
 Listener = asyncio.Queue[tuple[str, dict[str, Any]]]
 
 
@@ -98,6 +102,7 @@ class SessionSupervisor:
         self.listeners: set[Listener] = set()
         self.view = SessionView()
         self.task: asyncio.Task[None] | None = None
+        self._reporting = asyncio.Lock()
 
     @property
     def state(self) -> RuntimeState:
@@ -148,7 +153,12 @@ class SessionSupervisor:
             renewer = asyncio.create_task(self._keep_lease())
             try:
                 while self.wanted.is_set() and not self.lease_lost.is_set():
-                    delay = await self._connect_once()
+                    try:
+                        delay = await self._connect_once()
+                    except Exception as error:  # a transport that cannot even start: retried like a drop
+                        log.exception("%s: connection attempt failed", self.identity.name)
+                        ended = await self._apply(Disconnected(f"connection attempt failed: {error}"))
+                        delay = self.backoff.next() if ended is None else ended
                     if not self.wanted.is_set() or self.lease_lost.is_set():
                         break
                     log.info("%s: reconnecting in %.1fs", self.identity.name, delay)
@@ -159,7 +169,10 @@ class SessionSupervisor:
                     await renewer
                 await self._apply(Stopped())  # reported while the lease is still held, never after
                 if not self.lease_lost.is_set():
-                    await self.leases.release(self.lease_name)
+                    try:
+                        await self.leases.release(self.lease_name)
+                    except Exception as error:  # it expires by itself
+                        log.warning("%s: lease not released: %s", self.identity.name, error)
                 self.renewed = None
 
     async def _acquire(self) -> datetime | None:
@@ -172,7 +185,7 @@ class SessionSupervisor:
                 renewed = None
             if renewed is not None:
                 return renewed
-            await _first(asyncio.sleep(max(1.0, self.leases.duration / 3)), self.unwanted.wait())
+            await _first(asyncio.sleep(self.leases.retry_after(self.lease_name)), self.unwanted.wait())
         return None
 
     async def _keep_lease(self) -> None:
@@ -186,6 +199,7 @@ class SessionSupervisor:
                 result = None
             if result is not None:
                 self.renewed = result
+                await self.report()  # a write that failed, or someone else's, is put right at each renewal
             elif not self.holds_lease():
                 log.warning("%s: lease lost; disconnecting", self.identity.name)
                 self.renewed = None
@@ -197,8 +211,8 @@ class SessionSupervisor:
         transport = self.transport_factory(self.identity)
         self.transport = transport
         await self._apply(Connecting(transport.stored_jid()))
-        await transport.start()
         try:
+            await transport.start()
             while True:
                 event = await _first(transport.events.get(), self.unwanted.wait(), self.lease_lost.wait())
                 if event is None:
@@ -235,9 +249,9 @@ class SessionSupervisor:
 
     async def report(self) -> None:
         """Write status.runtime (the reporter skips what the server holds already), only as the lease holder."""
-        if not self.holds_lease():
-            return
-        await self.report_to(self.identity.name, runtime_status(self.view))
+        async with self._reporting:  # the fence is checked again by a write that waited for the one before
+            if self.holds_lease():
+                await self.report_to(self.identity.name, runtime_status(self.view))
 
     def _notify(self, event: str, data: dict[str, Any]) -> None:
         for listener in list(self.listeners):
