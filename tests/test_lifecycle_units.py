@@ -195,3 +195,25 @@ def test_a_logout_then_a_new_pairing_is_re_paired_even_through_intermediate_stat
         EventReason.PAIRED,
         EventReason.RECONNECTED,
     ]
+
+
+def test_health_and_device_number_gauges_follow_each_pass() -> None:
+    from collections import Counter
+
+    from prometheus_client import REGISTRY
+
+    from waso.operator import metrics
+
+    def sample(name: str, labels: dict[str, str]) -> float | None:
+        return REGISTRY.get_sample_value(name, labels)
+
+    assert [metrics.device_range(d) for d in (1, 10, 11, 47, 53, 101)] == [
+        "1-10", "1-10", "11-20", "21-50", "51-100", "101-9999",
+    ]  # fmt: skip
+    metrics.publish(metrics.HEALTH_FAILURES, Counter({("acme", "IdentityMismatch"): 2, ("globex", "MalformedJid"): 1}))
+    assert sample("waso_sessions_unhealthy", {"tenant": "acme", "reason": "IdentityMismatch"}) == 2
+    metrics.publish(metrics.HEALTH_FAILURES, Counter({("acme", "IdentityMismatch"): 1}))
+    assert sample("waso_sessions_unhealthy", {"tenant": "acme", "reason": "IdentityMismatch"}) == 1
+    assert sample("waso_sessions_unhealthy", {"tenant": "globex", "reason": "MalformedJid"}) is None  # gone
+    metrics.publish(metrics.DEVICE_NUMBERS, Counter({("21-50",): 3}))
+    assert sample("waso_sessions_by_device_number", {"range": "21-50"}) == 3

@@ -179,7 +179,9 @@ class Controller:
             tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions, now))
 
         session_writes = []
-        tally: Counter[tuple[str, str]] = Counter()
+        tally: Counter[tuple[str, ...]] = Counter()
+        unhealthy: Counter[tuple[str, ...]] = Counter()
+        devices: Counter[tuple[str, ...]] = Counter()
         timeout = timedelta(seconds=self.config.cleanup_timeout_seconds)
         for session in sessions:
             if session.deleting:
@@ -198,6 +200,12 @@ class Controller:
             pod = pods.get((session.namespace, shard)) if shard is not None else None
             desired = desired_status(session, verdicts[session.uid], shard, now, self.config.max_device_id, pod)
             tally[(session.namespace, desired.phase.value if desired.phase else "")] += 1
+            healthy = find_condition(desired.conditions, ConditionType.DEVICE_HEALTHY)
+            if healthy is not None and healthy.status == "False":
+                unhealthy[(session.namespace, healthy.reason)] += 1
+            runtime = session.runtime
+            if runtime is not None and runtime.state == RuntimeState.CONNECTED and runtime.device_id is not None:
+                devices[(metrics.device_range(runtime.device_id),)] += 1
             if desired != operator_part(session.status) or shard != session.shard or wants_finalizer(session, shard):
                 session_writes.append(self._write_session(session, verdicts[session.uid], desired))
 
@@ -205,7 +213,9 @@ class Controller:
         quota_writes = [
             self._write_quota(q, honoured[ns], used[ns], now) for ns, qs in quotas_by_ns.items() for q in qs
         ]
-        metrics.publish_sessions(tally)  # what this pass decided, published before it is written
+        metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, published before it is written
+        metrics.publish(metrics.HEALTH_FAILURES, unhealthy)
+        metrics.publish(metrics.DEVICE_NUMBERS, devices)
         metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
         # Independent writes: tenant workloads, session and quota statuses share the write budget.
         # A pass always waits for all its writes, so the next one never races a write still in flight.

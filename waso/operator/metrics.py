@@ -15,16 +15,33 @@ RECONCILE = Histogram(
     "Duration of one admission, placement and status pass over the whole cluster",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-STATUS_WRITES = Counter("waso_status_writes_total", "Status patches sent to the API server", ["kind"])
+STATUS_WRITES = Counter("waso_status_writes_total", "Status writes sent to the API server", ["kind"])
+HEALTH_FAILURES = Gauge(
+    "waso_sessions_unhealthy", "Sessions whose DeviceHealthy is False, by tenant and reason", ["tenant", "reason"]
+)
+DEVICE_NUMBERS = Gauge(
+    "waso_sessions_by_device_number",
+    "Connected sessions by the device number of their live JID (numbers above 10 are normal)",
+    ["range"],
+)
+DEVICE_RANGES = ((1, 10), (11, 20), (21, 50), (51, 100), (101, 9999))
 
-_published: set[tuple[str, str]] = set()
+_published: dict[Gauge, set[tuple[str, ...]]] = {}
 
 
-def publish_sessions(by_tenant_phase: Tally[tuple[str, str]]) -> None:
-    """Set the per-tenant, per-phase gauge, dropping series that no longer exist."""
-    for tenant, phase in _published - set(by_tenant_phase):
-        SESSIONS.remove(tenant, phase)
-    for (tenant, phase), count in by_tenant_phase.items():
-        SESSIONS.labels(tenant, phase).set(count)
-    _published.clear()
-    _published.update(by_tenant_phase)
+def publish(gauge: Gauge, counts: Tally[tuple[str, ...]]) -> None:
+    """Set a labelled gauge to this pass's counts, dropping series that no longer exist."""
+    seen = _published.setdefault(gauge, set())
+    for labels in seen - set(counts):
+        gauge.remove(*labels)
+    for labels, count in counts.items():
+        gauge.labels(*labels).set(count)
+    seen.clear()
+    seen.update(counts)
+
+
+def device_range(device: int) -> str:
+    for low, high in DEVICE_RANGES:
+        if low <= device <= high:
+            return f"{low}-{high}"
+    return "0"
