@@ -24,14 +24,19 @@ PHONE = "+4915112345601"
 
 
 @pytest.fixture
-def simulator(tmp_path: Path) -> Iterator[Process]:
-    with simulator_process(tmp_path, "--qr-interval", "3") as process:
+def simulator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Process]:
+    marker = request.node.get_closest_marker("simulator_args")
+    with simulator_process(tmp_path, "--qr-interval", "3", *(marker.args if marker else ())) as process:
         yield process
 
 
 @pytest.fixture
 def operator(
-    control_plane: ControlPlane, tenants: Tenants, simulator: Process, monkeypatch: pytest.MonkeyPatch
+    control_plane: ControlPlane,
+    tenants: Tenants,
+    simulator: Process,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> Iterator[KopfRunner]:
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     monkeypatch.setenv("WASO_METRICS_PORT", "0")
@@ -40,6 +45,9 @@ def operator(
     monkeypatch.setenv("WASO_RUNTIME_IMAGE", "waso:not-on-the-node")
     monkeypatch.setenv("WASO_IMAGE_PULL_POLICY", "Never")
     monkeypatch.setenv("WASO_SIMULATOR_URL", simulator.url)
+    marker = request.node.get_closest_marker("operator_env")
+    for name, value in (marker.kwargs if marker else {}).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("WASO_NAMESPACES", tenants.pattern)
     with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "waso.operator.handlers"], timeout=60) as runner:
         yield runner
@@ -439,3 +447,27 @@ def test_inbound_messages_show_as_activity(world: World) -> None:
     )
     assert delivered.body == {"delivered": 1}
     wait_for(lambda: world.runtime_status().get("lastActivityAt"), timeout=30, what="lastActivityAt")
+
+
+@pytest.mark.simulator_args("--first-device", "47")
+def test_a_high_device_number_with_a_consistent_identity_is_healthy(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    assert world.pair_by_qr(runtime)["deviceId"] == 47
+    assert world.wait_state("Connected")["deviceId"] == 47
+    _condition_is(world, "DeviceHealthy", "True", "Healthy")
+    _condition_is(world, "Ready", "True", "Ready")
+
+
+@pytest.mark.simulator_args("--first-device", "47")
+@pytest.mark.operator_env(WASO_MAX_DEVICE_ID="10")
+def test_a_high_device_number_is_unhealthy_only_under_the_opt_in_policy(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    world.pair_by_qr(runtime)
+    world.wait_state("Connected")
+    said = _condition_is(world, "DeviceHealthy", "False", "DeviceIdAbovePolicy")
+    assert "47" in said["message"]
+    assert "maxDeviceId 10" in said["message"]
