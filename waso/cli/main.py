@@ -71,6 +71,12 @@ def _status(args: argparse.Namespace) -> int:
     return main(args.namespace, args.session, args.output)
 
 
+def _legacy_scan(args: argparse.Namespace) -> int:
+    from waso.legacy.command import scan_command
+
+    return scan_command(args.directory, args.mapping, args.output, args.write_manifests)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -111,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-n", "--namespace", help="only this tenant; default: all")
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     status.set_defaults(handler=_status)
+
+    legacy = commands.add_parser("legacy", help="the legacy Baileys gateway: scan its credential directories")
+    legacy_commands = legacy.add_subparsers(dest="legacy_command", required=True, metavar="COMMAND")
+    scan = legacy_commands.add_parser(
+        "scan", help="judge <DIR>/<phone>/creds.json per phone and count them per company (exit 0 with findings)"
+    )
+    scan.add_argument("directory", metavar="DIR", help="the tree of Baileys multi-file auth directories")
+    scan.add_argument(
+        "--mapping", required=True, metavar="FILE", help="phone to company: .csv (phone,company) or .yaml/.yml"
+    )
+    scan.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    scan.add_argument(
+        "--write-manifests", metavar="OUT", help="write <namespace>.yaml per company (Namespace, WhatsAppSessions)"
+    )
+    scan.set_defaults(handler=_legacy_scan)
     return parser
 
 
