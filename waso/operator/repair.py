@@ -1,0 +1,225 @@
+"""Repair: which sessions get their credential store backed up, reset and re-paired now.
+
+The old gateway cleared every session whose device number was above 10, all at once:
+device numbers above 10 are normal, and clearing many sessions together caused backup
+storms and took healthy tenants down with the broken one. So a repair here is rare,
+throttled and explainable. A pure function of plain records decides it for the whole
+cluster at once; the controller executes the starts and reports the rest.
+
+Rules:
+
+1. Only a broken identity is repaired automatically: ``MissingIdentity``, ``MalformedJid``,
+   ``IdentityMismatch`` and the opt-in ``DeviceIdAbovePolicy``. A healthy or unknown
+   session never is, and neither is ``LoggedOut`` (the runtime re-pairs it by itself).
+2. Automatic repair can be switched off globally and per tenant; the session then waits
+   with a message saying so.
+3. A per-session cooldown (since its last repair started) spaces repairs out.
+4. Loop protection: more than ``loop_limit`` repairs started within ``loop_window`` means
+   the repair does not fix the cause. The session is ``Stalled`` and stays so until a
+   person acts (a manual repair); waiting does not forgive a loop.
+5. A manual request (``waso repair`` or the annotation) bypasses rules 1-4: a person asked.
+6. Nothing bypasses the cluster-wide limit of repairs in flight: repairs already in flight
+   count against it and are never started twice.
+7. Fairness: when slots are scarce they are shared between tenants like a round-robin:
+   the tenant with the fewest repairs in flight (those already running included) goes
+   next, ties by its oldest pending need, then namespace; within a tenant the oldest need
+   goes first, ties by namespace/name. One tenant with many broken sessions cannot take
+   every slot, neither in one pass nor over many passes.
+
+The output is the same for the same input, in any order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from waso.api.conditions import Reason
+
+REPAIRABLE: frozenset[Reason] = frozenset(
+    {Reason.MISSING_IDENTITY, Reason.MALFORMED_JID, Reason.IDENTITY_MISMATCH, Reason.DEVICE_ID_ABOVE_POLICY}
+)
+"""Health reasons that a new pairing fixes. LoggedOut is absent: the runtime re-pairs it by itself."""
+
+MANUAL = "Manual"
+"""The reason of a repair a person asked for."""
+
+
+@dataclass(frozen=True)
+class RepairPolicy:
+    """The operator's throttles; the defaults are safe for a cluster of many tenants."""
+
+    enabled: bool = True
+    """Automatic repair at all (manual requests are honoured either way)."""
+    max_in_flight: int = 3
+    """Repairs running at once across the cluster: backups are heavy, ten at once is a storm."""
+    cooldown: timedelta = timedelta(minutes=10)
+    """Least time between two automatic repairs of one session, from the start of the last."""
+    loop_limit: int = 3
+    """More repairs than this within loop_window: the repair does not help, stop and ask a person."""
+    loop_window: timedelta = timedelta(hours=1)
+    keep_backups: int = 3
+    """Credential-store backups kept per session (see backups_to_drop)."""
+
+
+@dataclass(frozen=True)
+class RepairCandidate:
+    """What the decision needs to know about one session."""
+
+    uid: str
+    namespace: str
+    """The tenant."""
+    name: str
+    health: Reason | None
+    """The DeviceHealthy reason; only the reasons in REPAIRABLE ask for a repair (None: healthy or unknown)."""
+    tenant_auto_repair: bool = True
+    """The tenant's switch for automatic repair."""
+    in_flight: bool = False
+    """A repair was started and has not completed: it holds a slot."""
+    repair_starts: tuple[datetime, ...] = ()
+    """When this session's repairs started (any order); at least the newest loop_limit + 1."""
+    acted_at: datetime | None = None
+    """When a person last repaired it by hand: repairs up to then no longer count towards a loop."""
+    manual_request: str | None = None
+    """An unhandled request token from `waso repair` or the annotation."""
+    needed_since: datetime | None = None
+    """When the need began (DeviceHealthy turned False, or the manual request was made): older goes first."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class RepairStart:
+    """A repair to start now: back up the credential store, reset it, re-pair."""
+
+    uid: str
+    namespace: str
+    name: str
+    reason: str
+    """The health reason, or MANUAL when a person asked."""
+    manual_request: str | None = None
+    """The token to mark as handled once the start is recorded."""
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    start: tuple[RepairStart, ...]
+    """In the order chosen."""
+    stalled: Mapping[str, str]
+    """uid -> message: repaired too often, stopped until a person acts."""
+    waiting: Mapping[str, str]
+    """uid -> message: why a session that needs a repair is not repaired now."""
+
+
+def plan_repairs(candidates: Iterable[RepairCandidate], policy: RepairPolicy, now: datetime) -> RepairPlan:
+    """Decide the repairs to start now; every session that needs one and gets none is told why."""
+    ordered = sorted(candidates, key=_need_order)
+    in_flight = [c for c in ordered if c.in_flight]
+    stalled: dict[str, str] = {}
+    waiting: dict[str, str] = {}
+    queues: dict[str, list[RepairCandidate]] = defaultdict(list)
+
+    for candidate in ordered:
+        if candidate.in_flight:
+            if candidate.manual_request is not None:
+                waiting[candidate.uid] = "a repair of this session is in flight; the request runs after it"
+        elif candidate.manual_request is not None:
+            queues[candidate.namespace].append(candidate)
+        elif candidate.health in REPAIRABLE:
+            why_not, loop = _why_not_automatic(candidate, policy, now)
+            if loop:
+                stalled[candidate.uid] = why_not
+            elif why_not:
+                waiting[candidate.uid] = why_not
+            else:
+                queues[candidate.namespace].append(candidate)
+
+    load: dict[str, int] = defaultdict(int)
+    for candidate in in_flight:
+        load[candidate.namespace] += 1
+    free = policy.max_in_flight - len(in_flight)
+    start: list[RepairStart] = []
+    while free > 0 and any(queues.values()):
+        tenant = min((t for t, q in queues.items() if q), key=lambda t: (load[t], _need_order(queues[t][0])))
+        chosen = queues[tenant].pop(0)
+        reason = MANUAL if chosen.manual_request is not None else str(chosen.health)
+        start.append(RepairStart(chosen.uid, chosen.namespace, chosen.name, reason, chosen.manual_request))
+        load[tenant] += 1
+        free -= 1
+
+    busy = len(in_flight) + len(start)
+    for queue in queues.values():
+        for candidate in queue:
+            waiting[candidate.uid] = (
+                f"in-flight limit reached ({busy} of {policy.max_in_flight} repairs in flight across the cluster)"
+            )
+    return RepairPlan(tuple(start), stalled, waiting)
+
+
+def backups_to_drop(backups: Mapping[str, datetime], policy: RepairPolicy) -> tuple[str, ...]:
+    """The backup ids to delete so that the newest keep_backups remain, oldest first.
+
+    Bounded so that a session that is repaired again and again cannot fill its volume.
+    """
+    newest_first = sorted(backups, key=lambda b: (backups[b], b), reverse=True)
+    return tuple(reversed(newest_first[max(policy.keep_backups, 0) :]))
+
+
+def loop_count(starts: Sequence[datetime], window: timedelta) -> int:
+    """The most starts within any one window (both ends included)."""
+    ordered = sorted(starts)
+    best = first = 0
+    for last, started in enumerate(ordered):
+        while started - ordered[first] > window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+def _why_not_automatic(candidate: RepairCandidate, policy: RepairPolicy, now: datetime) -> tuple[str, bool]:
+    """Why a broken session may not be repaired automatically now ("" if it may), and whether it is a loop."""
+    if not policy.enabled:
+        return f"automatic repair is off globally; run `waso repair {candidate.key}`", False
+    if not candidate.tenant_auto_repair:
+        return f"automatic repair is off for tenant {candidate.namespace}; run `waso repair {candidate.key}`", False
+    counted = [t for t in candidate.repair_starts if candidate.acted_at is None or t > candidate.acted_at]
+    repeats = loop_count(counted, policy.loop_window)
+    if repeats > policy.loop_limit:
+        return (
+            f"{repeats} repairs within {_duration(policy.loop_window)}: automatic repair stopped; "
+            f"run `waso repair {candidate.key}` after fixing the cause"
+        ), True
+    if candidate.repair_starts:
+        until = max(candidate.repair_starts) + policy.cooldown
+        if now < until:
+            return (
+                f"cooldown until {_timestamp(until)}: repairs of one session start at least "
+                f"{_duration(policy.cooldown)} apart"
+            ), False
+    return "", False
+
+
+def _need_order(candidate: RepairCandidate) -> tuple[bool, datetime, str, str]:
+    """Oldest need first; a need of unknown age after every known one; then namespace/name."""
+    since = candidate.needed_since
+    return (since is None, since or datetime.min.replace(tzinfo=UTC), candidate.namespace, candidate.name)
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration(span: timedelta) -> str:
+    """Like Go's durations, which operators read in kubectl: 1h0m, 10m, 45s."""
+    seconds = int(span.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m" + (f"{seconds}s" if seconds else "")
+    if minutes:
+        return f"{minutes}m" + (f"{seconds}s" if seconds else "")
+    return f"{seconds}s"
