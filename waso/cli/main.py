@@ -77,6 +77,12 @@ def _legacy_scan(args: argparse.Namespace) -> int:
     return scan_command(args.directory, args.mapping, args.output, args.write_manifests)
 
 
+def _legacy_import(args: argparse.Namespace) -> int:
+    from waso.legacy.importer import import_command
+
+    return import_command(args.directory, args.store_dir, args.phone)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -118,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     status.set_defaults(handler=_status)
 
-    legacy = commands.add_parser("legacy", help="the legacy Baileys gateway: scan its credential directories")
+    legacy = commands.add_parser("legacy", help="the legacy Baileys gateway: scan its credential directories, import one")
     legacy_commands = legacy.add_subparsers(dest="legacy_command", required=True, metavar="COMMAND")
     scan = legacy_commands.add_parser(
         "scan", help="judge <DIR>/<phone>/creds.json per phone and count them per company (exit 0 with findings)"
@@ -132,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-manifests", metavar="OUT", help="write <namespace>.yaml per company (Namespace, WhatsAppSessions)"
     )
     scan.set_defaults(handler=_legacy_scan)
+    legacy_import = legacy_commands.add_parser(
+        "import",
+        help="write a session's whatsmeow.db from <phone>/creds.json, to connect as the same device without a scan",
+    )
+    legacy_import.add_argument("directory", metavar="CREDS_DIR", help="one Baileys auth directory, holding creds.json")
+    legacy_import.add_argument(
+        "--store-dir", required=True, metavar="DIR", help="the session's store directory; whatsmeow.db must not exist"
+    )
+    legacy_import.add_argument("--phone", help="the phone (+E.164) when CREDS_DIR is not named after it")
+    legacy_import.set_defaults(handler=_legacy_import)
     return parser
 
 
