@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     status.set_defaults(handler=_status)
 
-    legacy = commands.add_parser("legacy", help="the legacy Baileys gateway: scan its credential directories, import one")
+    legacy = commands.add_parser(
+        "legacy", help="the legacy Baileys gateway: scan its credential directories, import one"
+    )
     legacy_commands = legacy.add_subparsers(dest="legacy_command", required=True, metavar="COMMAND")
     scan = legacy_commands.add_parser(
         "scan", help="judge <DIR>/<phone>/creds.json per phone and count them per company (exit 0 with findings)"
