@@ -229,3 +229,16 @@ def test_the_row_fits_whatsmeows_schema_checks(tmp_path: Path) -> None:
     assert "length(adv_account_sig_key) = 32" in schema
     with pytest.raises(ImportRefused):
         write_store(device_row(baileys_creds(), PHONE), store_dir)
+
+
+def test_a_push_name_with_a_comma_is_imported(tmp_path: Path) -> None:
+    """neonize 0.5.2 splits its device listing on ",": the import checks through neonize before naming."""
+    creds = baileys_creds()
+    creds["me"]["name"] = "Acme, Ventas"
+    target = write_store(
+        device_row(json.loads(json.dumps({k: v for k, v in creds.items() if k != "_private"})), PHONE), tmp_path
+    )
+    row = read_row(target)
+    assert row is not None
+    assert row.push_name == "Acme, Ventas"
+    assert stored_jid(target) == f"{PHONE}:47@s.whatsapp.net"

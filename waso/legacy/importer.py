@@ -326,14 +326,17 @@ def write_store(row: DeviceRow, store_dir: Path) -> Path:
         if _neonize_devices(partial):  # whatsmeow creates its schema in the empty file
             raise ImportRefused([f"{partial}: a new store already holds a device"])
         with contextlib.closing(sqlite3.connect(partial)) as db, db:
+            # The push name is set after neonize's check: its device listing splits on "," (neonize 0.5.2).
             db.execute(
                 f"INSERT INTO whatsmeow_device ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                [getattr(row, column) for column in COLUMNS],
+                [getattr(row, column) if column != "push_name" else "" for column in COLUMNS],
             )
-        if read_row(partial) != row:
-            raise ImportRefused([f"{partial}: the row read back differs from the row written"])
         if _neonize_devices(partial) != [row.jid]:  # whatsmeow's scanDevice: lengths and key pairs load
             raise ImportRefused([f"{partial}: neonize does not read the device {row.jid} back"])
+        with contextlib.closing(sqlite3.connect(partial)) as db, db:
+            db.execute("UPDATE whatsmeow_device SET push_name = ?", (row.push_name,))
+        if read_row(partial) != row:
+            raise ImportRefused([f"{partial}: the row read back differs from the row written"])
         with open(partial, "rb") as file:
             os.fsync(file.fileno())
         try:
