@@ -23,7 +23,7 @@ from tests.operator_support import Tenants, create_session, wait_admission
 from tests.runtime_support import spawn_waso
 from tests.support import BIN, kubectl, wait_for
 from waso.api.quota import TenantQuotaSpec
-from waso.operator.config import OperatorConfig, load_config
+from waso.operator.config import OperatorConfig, RepairSettings, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts/waso"
@@ -139,6 +139,7 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
             "resyncSeconds": 12.5,
             "cleanupTimeoutSeconds": 60,
             "writeConcurrency": 4,
+            "repair": {"maxInFlight": 5, "keepBackups": 2},
         },
     }
     expected: dict[str, Any] = {
@@ -156,6 +157,7 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
         "resync_seconds": 12.5,
         "cleanup_timeout_seconds": 60,
         "write_concurrency": 4,
+        "repair": RepairSettings(max_in_flight=5, keep_backups=2),
     }
     assert set(expected) == set(OperatorConfig.model_fields), "a new setting needs a value here"
     defaults = OperatorConfig.model_construct()

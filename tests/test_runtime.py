@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -355,6 +356,7 @@ def _condition_is(world: World, type_: str, status: str, reason: str) -> dict[st
     return wait_for(matches, timeout=60, what=f"{type_}={status} ({reason})")
 
 
+@pytest.mark.operator_env(WASO_REPAIR__ENABLED="false")  # the broken identity is shown, not repaired
 def test_injected_faults_show_in_runtime_status_and_conditions(world: World) -> None:
     runtime = world.runtime()
     world.session()
@@ -471,3 +473,36 @@ def test_a_high_device_number_is_unhealthy_only_under_the_opt_in_policy(world: W
     said = _condition_is(world, "DeviceHealthy", "False", "DeviceIdAbovePolicy")
     assert "47" in said["message"]
     assert "maxDeviceId 10" in said["message"]
+
+
+def test_a_broken_identity_is_backed_up_reset_and_offered_for_pairing_again(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    first = world.pair_by_qr(runtime)
+    world.wait_state("Connected")
+    _fault(world, "identity_mismatch")
+    _fault(world, "drop")  # the next login reports another device number than the one stored
+
+    def repaired() -> dict[str, Any] | None:
+        repairs: dict[str, Any] = get(world.api, world.namespace, "s1").get("status", {}).get("repairs", {})
+        return repairs if repairs.get("count") == 1 and "requested" not in repairs else None
+
+    repairs = wait_for(repaired, timeout=90, what="one repair done")
+    assert repairs["lastReason"] == "IdentityMismatch"
+    [backup] = repairs["backups"]
+    status = world.wait_state("AwaitingPairing")  # credentials gone: a new QR code is offered
+    assert "storedJid" not in status
+    assert status["lastRepair"]["backup"] == backup["name"]
+    kept = world.tmp / "data" / "backups" / "s1" / backup["name"]
+    assert (kept / "manifest.json").is_file()
+    assert json.loads((kept / "simulator-credentials.json").read_text())["jid"] == first["jid"]
+    reasons = [e.reason for e in client.CoreV1Api(world.api).list_namespaced_event(world.namespace).items]
+    assert reasons.count("RepairStarted") == 1
+    assert reasons.count("Repaired") == 1
+
+    second = world.pair_by_qr(runtime)  # the phone scans again: a new, consistent device
+    assert second["deviceId"] != first["deviceId"]
+    world.wait_state("Connected")
+    _condition_is(world, "DeviceHealthy", "True", "Healthy")
+    _condition_is(world, "Ready", "True", "Ready")

@@ -84,6 +84,10 @@ class Reason(StrEnum):
     """The live JID differs from the stored one."""
     DEVICE_ID_ABOVE_POLICY = "DeviceIdAbovePolicy"
     """The device number exceeds the opt-in maxDeviceId policy."""
+    REPAIRING = "Repairing"
+    """The runtime backs up and resets the credential store; a new pairing follows."""
+    REPAIR_LOOP = "RepairLoop"
+    """Repairs keep failing to fix the identity: automatic repair stopped until a person acts."""
     OUT_OF_MEMORY = "OutOfMemory"
     """The kernel killed the session pod at its memory limit (OOMKilled); the tenant's quota must allow more."""
     # Summary

@@ -76,6 +76,8 @@ class TenantQuotaSpec(
     """Messages the tenant may send per minute through the runtime's API, over all its sessions."""
     max_pairing_streams: int | None = Field(default=None, ge=0, le=1000)
     """QR Server-Sent-Event streams open at once for the tenant, at most maxSessions; absent: min(2, maxSessions)."""
+    auto_repair: bool = True
+    """Repair this tenant's sessions with a broken device identity automatically (within the operator's limits)."""
     sessions_per_pod: int = Field(default=20, ge=1, le=500)
     """Sessions served by one session pod (shard)."""
     pod_resources: PodResources = PodResources(

@@ -11,6 +11,8 @@ from waso.api.base import ApiModel, ObjectMeta, Timestamp, pattern_as_rule
 from waso.api.conditions import Condition
 
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+REPAIR_ANNOTATION = "waso.dev/repair"
+"""Set to a new value (``waso repair`` writes the time) to ask for a repair of the session."""
 CLEANUP_FINALIZER = "waso.dev/credentials"
 """Held while a session's credentials may exist, so that deleting it unlinks the device first."""
 
@@ -110,6 +112,17 @@ class RepairBackup(ApiModel):
     """When the backup was taken."""
 
 
+class RepairRequest(ApiModel):
+    """A repair the operator asked the session's runtime to carry out."""
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Names the repair and its backup."""
+    reason: str = Field(min_length=1, max_length=64)
+    """The DeviceHealthy reason that called for it, or Manual."""
+    requested_at: Timestamp
+    """When the operator asked for it."""
+
+
 class RepairStatus(ApiModel):
     """Repairs of this session (back up, reset, re-pair)."""
 
@@ -119,8 +132,29 @@ class RepairStatus(ApiModel):
     """Why the last repair ran."""
     last_time: Timestamp | None = None
     """When the last repair started."""
-    backups: tuple[RepairBackup, ...] = ()
+    backups: tuple[RepairBackup, ...] = Field(default=(), max_length=100)
     """Kept backups, oldest first."""
+    requested: RepairRequest | None = None
+    """The repair in flight: asked of the runtime and not yet reported done."""
+    starts: tuple[Timestamp, ...] | None = Field(default=None, max_length=20)
+    """When the recent repairs started, oldest first (loop protection)."""
+    handled_request: str | None = Field(default=None, max_length=253)
+    """The last manual request (annotation waso.dev/repair) the operator acted on."""
+    acted_at: Timestamp | None = None
+    """When a person last asked for a repair; loop protection counts from then."""
+
+
+class RepairReport(ApiModel):
+    """What the runtime did for a repair request."""
+
+    id: str = Field(min_length=1, max_length=128)
+    """The request's id."""
+    backup: str | None = Field(default=None, max_length=128)
+    """The backup taken before the reset (absent: nothing to back up)."""
+    completed_at: Timestamp
+    """When the store was reset."""
+    error: str | None = Field(default=None, max_length=1024)
+    """Why the backup failed, if it did (the store is then left as it was)."""
 
 
 class RuntimeStatus(ApiModel):
@@ -145,6 +179,8 @@ class RuntimeStatus(ApiModel):
     last_error: str | None = Field(default=None, max_length=4096)
     """The last error the transport reported."""
     banned_until: Timestamp | None = None
+    last_repair: RepairReport | None = None
+    """The last repair this session's runtime carried out."""
     """When a temporary ban ends, when WhatsApp said so."""
 
 

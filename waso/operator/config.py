@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel, to_snake
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
@@ -26,6 +26,27 @@ from waso.api.base import Quantity
 from waso.api.quota import TenantQuotaSpec
 
 CONFIG_ENV = "WASO_CONFIG"
+
+
+class RepairSettings(BaseModel):
+    """Automatic repair of sessions with a broken device identity (back up, reset, re-pair)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True
+    )
+
+    enabled: bool = True
+    """Repair broken identities automatically (manual repairs always run)."""
+    max_in_flight: int = Field(default=3, ge=1, le=1000)
+    """Repairs in flight at once across the cluster: no backup storm when many tenants break together."""
+    cooldown_seconds: float = Field(default=600.0, ge=0, le=86400)
+    """Least time between two repairs of one session."""
+    loop_limit: int = Field(default=3, ge=1, le=19)
+    """More repairs than this within loopWindowSeconds stop automatic repair of the session (Stalled)."""
+    loop_window_seconds: float = Field(default=3600.0, gt=0, le=604800)
+    """The window of the loop limit."""
+    keep_backups: int = Field(default=3, ge=1, le=100)
+    """Credential-store backups kept per session."""
 
 
 class OperatorConfig(BaseSettings):
@@ -68,6 +89,8 @@ class OperatorConfig(BaseSettings):
     """How long a deleted session waits for its runtime to unlink the device and erase its credentials."""
     write_concurrency: int = Field(default=16, ge=1, le=256)
     """Status writes in flight at once."""
+    repair: RepairSettings = RepairSettings()
+    """Automatic repair of broken device identities."""
 
     def model_post_init(self, context: object) -> None:
         if self.transport == "simulator" and not self.simulator_url:

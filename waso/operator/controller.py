@@ -29,7 +29,7 @@ from typing import Any
 from waso.api.base import API_VERSION, format_timestamp
 from waso.api.conditions import ConditionType, Reason, find_condition, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
-from waso.api.session import CLEANUP_FINALIZER, RuntimeState, WhatsAppSession, WhatsAppSessionStatus
+from waso.api.session import CLEANUP_FINALIZER, RepairStatus, RuntimeState, WhatsAppSession, WhatsAppSessionStatus
 from waso.api.tenancy import SHARD_LABEL, QuotaFacts, honoured_quota
 from waso.kube import ApiError, KubeClient, reference
 from waso.operator import metrics
@@ -37,7 +37,9 @@ from waso.operator.admission import Verdict, plan_admission
 from waso.operator.cleanup import Release, release_finalizer, wants_finalizer
 from waso.operator.config import OperatorConfig
 from waso.operator.events import lifecycle_events
+from waso.operator.health import device_health
 from waso.operator.placement import assign_shards, replicas_needed
+from waso.operator.repair import RepairCandidate, RepairPlan, RepairPolicy, begin, pending_request, plan_repairs, settle
 from waso.operator.resources import tenant_objects
 from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part
 from waso.operator.world import PodFacts, SessionFacts
@@ -178,6 +180,7 @@ class Controller:
             has_sessions = namespace in namespaces
             tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions, now))
 
+        repairs, repair_plan = self._plan_repairs(sessions, running, honoured, now)
         session_writes = []
         tally: Counter[tuple[str, ...]] = Counter()
         unhealthy: Counter[tuple[str, ...]] = Counter()
@@ -198,7 +201,16 @@ class Controller:
                 continue
             shard = shards.get(session.uid)
             pod = pods.get((session.namespace, shard)) if shard is not None else None
-            desired = desired_status(session, verdicts[session.uid], shard, now, self.config.max_device_id, pod)
+            desired = desired_status(
+                session,
+                verdicts[session.uid],
+                shard,
+                now,
+                self.config.max_device_id,
+                pod,
+                repairs.get(session.uid),
+                repair_plan.stalled.get(session.uid),
+            )
             tally[(session.namespace, desired.phase.value if desired.phase else "")] += 1
             healthy = find_condition(desired.conditions, ConditionType.DEVICE_HEALTHY)
             if healthy is not None and healthy.status == "False":
@@ -232,6 +244,57 @@ class Controller:
             len(session_writes),
             len(tenant_writes),
         )
+
+    def _plan_repairs(
+        self,
+        sessions: list[SessionFacts],
+        running: Mapping[str, bool],
+        honoured: Mapping[str, QuotaFacts | None],
+        now: datetime,
+    ) -> tuple[dict[str, RepairStatus], RepairPlan]:
+        """Repairs finished (folded into the status), and the ones to start now across the cluster."""
+        settings = self.config.repair
+        policy = RepairPolicy(
+            enabled=settings.enabled,
+            max_in_flight=settings.max_in_flight,
+            cooldown=timedelta(seconds=settings.cooldown_seconds),
+            loop_limit=settings.loop_limit,
+            loop_window=timedelta(seconds=settings.loop_window_seconds),
+            keep_backups=settings.keep_backups,
+        )
+        changed: dict[str, RepairStatus] = {}
+        candidates = []
+        for session in sessions:
+            if session.deleting or not running.get(session.uid):
+                continue
+            before = session.status.repairs or RepairStatus()
+            current = settle(before, session.runtime, policy)
+            if current != before:
+                changed[session.uid] = current
+            health = device_health(session.runtime, self.config.max_device_id)
+            unhealthy = find_condition(session.status.conditions, ConditionType.DEVICE_HEALTHY)
+            candidates.append(
+                RepairCandidate(
+                    uid=session.uid,
+                    namespace=session.namespace,
+                    name=session.name,
+                    health=health.reason if health.healthy is False else None,
+                    tenant_auto_repair=self._quota_spec(honoured.get(session.namespace)).auto_repair,
+                    in_flight=current.requested is not None,
+                    repair_starts=current.starts or (),
+                    acted_at=current.acted_at,
+                    manual_request=pending_request(session.repair_request, current),
+                    needed_since=unhealthy.last_transition_time if unhealthy and unhealthy.status == "False" else None,
+                )
+            )
+        plan = plan_repairs(candidates, policy, now)
+        by_uid = {s.uid: s for s in sessions}
+        for start in plan.start:
+            current = changed.get(start.uid) or by_uid[start.uid].status.repairs or RepairStatus()
+            changed[start.uid] = begin(current, start, now)
+            metrics.REPAIRS.labels(start.namespace, start.reason).inc()
+            log.info("%s/%s: repair started (%s)", start.namespace, start.name, start.reason)
+        return changed, plan
 
     def _quota_spec(self, quota: QuotaFacts | None) -> TenantQuotaSpec:
         return quota.spec if quota is not None else self.config.default_quota

@@ -23,6 +23,9 @@ class EventReason(StrEnum):
     BANNED = "Banned"
     BAN_LIFTED = "BanLifted"
     IDENTITY_MISMATCH = "IdentityMismatch"
+    REPAIR_STARTED = "RepairStarted"
+    REPAIRED = "Repaired"
+    REPAIR_LOOP = "RepairLoop"
 
 
 @dataclass(frozen=True)
@@ -65,4 +68,13 @@ def lifecycle_events(tenant: str, before: Sequence[Condition], after: Sequence[C
         add(EventReason.RECONNECTED, connected_message)
     if healthy_reason_after == Reason.IDENTITY_MISMATCH and healthy_reason_before != Reason.IDENTITY_MISMATCH:
         add(EventReason.IDENTITY_MISMATCH, healthy_message, warning=True)
+    _, ready_reason_before, _ = _state(before, ConditionType.READY)
+    _, ready_reason_after, ready_message = _state(after, ConditionType.READY)
+    if ready_reason_after != ready_reason_before:
+        if ready_reason_after == Reason.REPAIRING:
+            add(EventReason.REPAIR_STARTED, ready_message, warning=True)
+        elif ready_reason_before == Reason.REPAIRING:
+            add(EventReason.REPAIRED, "credential store backed up and reset; scan the new QR code to pair again")
+        if ready_reason_after == Reason.REPAIR_LOOP:
+            add(EventReason.REPAIR_LOOP, ready_message, warning=True)
     return events

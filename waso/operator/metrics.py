@@ -16,6 +16,7 @@ RECONCILE = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 STATUS_WRITES = Counter("waso_status_writes_total", "Status writes sent to the API server", ["kind"])
+REPAIRS = Counter("waso_repairs_total", "Repairs started, by tenant and reason (or Manual)", ["tenant", "reason"])
 HEALTH_FAILURES = Gauge(
     "waso_sessions_unhealthy", "Sessions whose DeviceHealthy is False, by tenant and reason", ["tenant", "reason"]
 )

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from waso.api.conditions import Reason
+from waso.api.session import RepairBackup, RepairRequest, RepairStatus, RuntimeStatus
 
 REPAIRABLE: frozenset[Reason] = frozenset(
     {Reason.MISSING_IDENTITY, Reason.MALFORMED_JID, Reason.IDENTITY_MISMATCH, Reason.DEVICE_ID_ABOVE_POLICY}
@@ -223,3 +224,50 @@ def _duration(span: timedelta) -> str:
     if minutes:
         return f"{minutes}m" + (f"{seconds}s" if seconds else "")
     return f"{seconds}s"
+
+
+# -- the status of repairs: what the controller writes around a plan ----------------------------
+
+
+def settle(repairs: RepairStatus, runtime: RuntimeStatus | None, policy: RepairPolicy) -> RepairStatus:
+    """Fold a repair the runtime reports done into the status: count, last reason and time, kept backups."""
+    request = repairs.requested
+    done = runtime.last_repair if runtime is not None else None
+    if request is None or done is None or done.id != request.id:
+        return repairs
+    backups = repairs.backups
+    if done.backup is not None and done.error is None:
+        backups = (*backups, RepairBackup(name=done.backup, taken_at=done.completed_at))
+        dropped = set(backups_to_drop({b.name: b.taken_at for b in backups}, policy))
+        backups = tuple(b for b in backups if b.name not in dropped)
+    reason = request.reason if done.error is None else f"{request.reason}: {done.error}"
+    return repairs.model_copy(
+        update={
+            "count": repairs.count + (done.error is None),
+            "last_reason": reason[:1024],
+            "last_time": request.requested_at,
+            "backups": backups,
+            "requested": None,
+        }
+    )
+
+
+def begin(repairs: RepairStatus, start: RepairStart, now: datetime) -> RepairStatus:
+    """Ask the runtime for a repair: the request (its id names the backup) and its start time."""
+    manual = start.manual_request is not None
+    request = RepairRequest(
+        id=f"repair-{repairs.count + 1}-{now.astimezone(UTC):%Y%m%dt%H%M%S}", reason=start.reason, requested_at=now
+    )
+    return repairs.model_copy(
+        update={
+            "requested": request,
+            "starts": (*(repairs.starts or ()), now)[-20:],
+            "handled_request": start.manual_request if manual else repairs.handled_request,
+            "acted_at": now if manual else repairs.acted_at,
+        }
+    )
+
+
+def pending_request(annotation: str | None, repairs: RepairStatus) -> str | None:
+    """The manual request not yet acted on (a new value of the annotation)."""
+    return annotation if annotation and annotation != repairs.handled_request else None

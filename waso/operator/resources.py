@@ -44,6 +44,7 @@ def runtime_env(config: OperatorConfig, quota: TenantQuotaSpec) -> list[dict[str
         {"name": "WASO_EXECUTOR_THREADS", "value": str(quota.sessions_per_pod + 16)},
         # What applies while the namespace has no TenantQuota of its own.
         {"name": "WASO_DEFAULT_QUOTA", "value": json.dumps(config.default_quota.to_wire(), sort_keys=True)},
+        {"name": "WASO_KEEP_BACKUPS", "value": str(config.repair.keep_backups)},
     ]
     if config.simulator_url:
         env.append({"name": "WASO_SIMULATOR_URL", "value": config.simulator_url})

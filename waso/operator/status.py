@@ -21,7 +21,7 @@ from waso.api.conditions import (
     set_kstatus,
 )
 from waso.api.quota import QuotaAmounts, TenantQuotaStatus
-from waso.api.session import Phase, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.api.session import Phase, RepairStatus, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
 from waso.api.tenancy import QuotaFacts
 from waso.operator.admission import Verdict
 from waso.operator.health import Health, device_health
@@ -83,7 +83,13 @@ def _banned(runtime: RuntimeStatus | None, now: datetime) -> tuple[Progress, str
 
 
 def _summary(
-    verdict: Verdict, runtime: RuntimeStatus | None, health: Health, pod: PodFacts | None, now: datetime
+    verdict: Verdict,
+    runtime: RuntimeStatus | None,
+    health: Health,
+    pod: PodFacts | None,
+    now: datetime,
+    repairs: RepairStatus | None,
+    repair_stalled: str | None,
 ) -> tuple[Progress, str, str, Phase]:
     if verdict.reason == Reason.PHONE_NUMBER_CONFLICT:
         return "Stalled", verdict.reason, verdict.message, Phase.FAILED
@@ -95,6 +101,12 @@ def _summary(
         return "Reconciling", verdict.reason, verdict.message, Phase.WAITING
     if pod is not None and pod.out_of_memory:  # does not heal by itself: a person raises the limit
         return "Stalled", Reason.OUT_OF_MEMORY, out_of_memory_message(pod), Phase.FAILED
+    if repairs is not None and repairs.requested is not None:
+        request = repairs.requested
+        message = f"repair {request.id} ({request.reason}): backing up and resetting the credential store"
+        return "Reconciling", Reason.REPAIRING, message, Phase.REPAIRING
+    if repair_stalled is not None:
+        return "Stalled", Reason.REPAIR_LOOP, repair_stalled, Phase.FAILED
     if health.healthy is False:
         return "Stalled", health.reason, health.message, Phase.FAILED
     state = runtime.state if runtime else None
@@ -128,6 +140,8 @@ def desired_status(
     now: datetime,
     max_device_id: int | None = None,
     pod: PodFacts | None = None,
+    repairs: RepairStatus | None = None,
+    repair_stalled: str | None = None,
 ) -> WhatsAppSessionStatus:
     """The operator's part of the status (all but ``runtime``); ``pod`` is the session pod of ``shard``."""
     generation = facts.generation
@@ -144,7 +158,8 @@ def desired_status(
     put(ConditionType.CONNECTED, *_connected(runtime, pod))
     healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
     put(ConditionType.DEVICE_HEALTHY, healthy, health.reason, health.message)
-    progress, reason, message, phase = _summary(verdict, runtime, health, pod, now)
+    repairs = repairs if repairs is not None else facts.status.repairs
+    progress, reason, message, phase = _summary(verdict, runtime, health, pod, now, repairs, repair_stalled)
     conditions = set_kstatus(conditions, progress, reason, message, observed_generation=generation, now=now)
 
     admitted_at = facts.status.admitted_at
@@ -158,6 +173,7 @@ def desired_status(
             "shard": shard,
             "endpoint": runtime_endpoint(facts.namespace, facts.name, shard) if shard is not None else None,
             "admitted_at": admitted_at,
+            "repairs": repairs,
         }
     )
 

@@ -12,7 +12,13 @@ from datetime import datetime
 from typing import Any
 
 from waso.api.conditions import ConditionType, find_condition
-from waso.api.session import CLEANUP_FINALIZER, RuntimeStatus, WhatsAppSession, WhatsAppSessionStatus
+from waso.api.session import (
+    CLEANUP_FINALIZER,
+    REPAIR_ANNOTATION,
+    RuntimeStatus,
+    WhatsAppSession,
+    WhatsAppSessionStatus,
+)
 from waso.api.tenancy import SHARD_LABEL, revision
 
 
@@ -36,6 +42,8 @@ class SessionFacts:
     admitted: bool
     """Whether the last observed status says Admitted=True."""
     status: WhatsAppSessionStatus
+    repair_request: str | None = None
+    """The value of the annotation waso.dev/repair: a person asking for a repair."""
 
     @property
     def key(self) -> str:
@@ -81,6 +89,7 @@ def session_facts(body: Mapping[str, Any]) -> SessionFacts:
         shard=shard,
         admitted=admitted is not None and admitted.status == "True",
         status=status,
+        repair_request=(meta.annotations or {}).get(REPAIR_ANNOTATION),
     )
 
 

@@ -46,6 +46,8 @@ class RuntimeConfig(BaseSettings):
     pairing_workers: int = Field(default=4, ge=1, le=256)
     """Pairing child processes (neonize) at once on this pod; each holds about 70 MiB while it runs.
     Further unpaired sessions wait for a slot in state Connecting."""
+    keep_backups: int = Field(default=3, ge=1, le=100)
+    """Credential-store backups kept per session (the operator's repair.keepBackups)."""
     device_name: str = "waso"
     instance: str = Field(default_factory=lambda: secrets.token_hex(4))
     """Distinguishes two processes with the same pod name in lease holder identities."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from waso.api.base import format_timestamp
 from waso.api.jid import parse_jid
-from waso.api.session import RuntimeState, RuntimeStatus
+from waso.api.session import RepairReport, RuntimeState, RuntimeStatus
 from waso.session_runtime.transport import (
     Connected,
     Disconnected,
@@ -53,7 +53,14 @@ class Activity:
     """A message went out through the API."""
 
 
-Event = TransportEvent | Connecting | Stopped | Activity
+@dataclass(frozen=True)
+class Repaired:
+    """The credential store was backed up and reset (or, with ``report.error``, left as it was)."""
+
+    report: RepairReport
+
+
+Event = TransportEvent | Connecting | Stopped | Activity | Repaired
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class SessionView:
     qr: QrCode | None = None
     last_error: str | None = None
     banned_until: datetime | None = None
+    last_repair: RepairReport | None = None
 
 
 def qr_payload(qr: QrCode) -> dict[str, Any]:
@@ -134,6 +142,11 @@ def step(view: SessionView, event: Event, now: datetime) -> tuple[SessionView, l
             return connected, []
         case IncomingMessage() | Activity():
             return _active(view, now), []
+        case Repaired(report):
+            if report.error is not None:
+                return replace(view, last_repair=report), []
+            # The identity is gone with the store: the next connection offers a QR code.
+            return replace(view, last_repair=report, jid=None, stored_jid=None, push_name=None, qr=None), []
         case LoggedOut(reason):
             lost = _ended(view, RuntimeState.LOGGED_OUT, f"logged out: {reason}", jid=None, stored_jid=None)
             return lost, [Reconnect()]
@@ -165,4 +178,5 @@ def runtime_status(view: SessionView) -> RuntimeStatus:
         qr_expires_at=view.qr.expires_at if view.qr else None,
         last_error=view.last_error[:LAST_ERROR_LIMIT] if view.last_error else None,
         banned_until=view.banned_until if view.state == RuntimeState.BANNED else None,
+        last_repair=view.last_repair,
     )

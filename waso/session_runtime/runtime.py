@@ -14,6 +14,7 @@ import importlib
 import logging
 import shutil
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,10 +22,18 @@ import aiohttp
 
 from waso.api.conditions import ConditionType, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
-from waso.api.session import CLEANUP_FINALIZER, RuntimeState, RuntimeStatus, WhatsAppSession
+from waso.api.session import (
+    CLEANUP_FINALIZER,
+    RepairReport,
+    RepairRequest,
+    RuntimeState,
+    RuntimeStatus,
+    WhatsAppSession,
+)
 from waso.api.tenancy import SHARD_LABEL, honoured_quota, quota_facts, revision
 from waso.kube import ApiError, KubeClient
 from waso.session_runtime import metrics
+from waso.session_runtime.backups import BackupError, backup_store, prune_backups, reset_store
 from waso.session_runtime.config import RuntimeConfig
 from waso.session_runtime.lease_keeper import MANAGER, LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
@@ -127,16 +136,36 @@ class Runtime:
                 device_name=session.spec.device_name or self.config.device_name,
                 store_dir=self.config.data_dir / "sessions" / name,
             )
-            supervisor = SessionSupervisor(identity, self.make_transport, self.leases, self.reporter, self.clock)
+            supervisor = SessionSupervisor(
+                identity, self.make_transport, self.leases, self.reporter, self.clock, repairer=self.repair_store
+            )
+            observed = session.status.runtime if session.status else None
+            if observed is not None:  # a repair done before this process started is not done again
+                supervisor.view = replace(supervisor.view, last_repair=observed.last_repair)
             self.sessions[name] = supervisor
             supervisor.start()
         supervisor.want(wants_running(session))
+        repairs = session.status.repairs if session.status else None
+        if repairs is not None and repairs.requested is not None:
+            supervisor.request_repair(repairs.requested)
         deleting = session.metadata.deletion_timestamp is not None
         if deleting and CLEANUP_FINALIZER in (session.metadata.finalizers or []):
             self._start_erasing(name, supervisor)
         elif supervisor.holds_lease():
             # Someone else's write (or a stale one) may show; the holder puts the truth back.
             self._spawn(supervisor.report(), f"report:{name}")
+
+    def repair_store(self, identity: SessionIdentity, request: RepairRequest) -> RepairReport:
+        """Back up the session's credential store, keep the newest backups, reset the store (blocking)."""
+        backups_dir = self.config.data_dir / "backups" / identity.name
+        now = self.clock()
+        try:
+            taken = backup_store(identity.store_dir, backups_dir, request.id, now)
+        except (BackupError, OSError, TimeoutError, ValueError) as error:
+            return RepairReport(id=request.id, completed_at=now, error=f"backup failed, store kept: {error}"[:1024])
+        prune_backups(backups_dir, self.config.keep_backups)
+        reset_store(identity.store_dir)
+        return RepairReport(id=request.id, backup=taken.id if taken.files else None, completed_at=now)
 
     def _start_erasing(self, name: str, supervisor: SessionSupervisor) -> asyncio.Task[None]:
         """The erasure of a session, started once while it runs (it is idempotent once finished)."""
@@ -187,6 +216,7 @@ class Runtime:
                     problem = f"{failure}; credentials erased on this volume only"
                     log.warning("%s: %s", name, problem)
                 shutil.rmtree(supervisor.identity.store_dir, ignore_errors=True)
+                shutil.rmtree(self.config.data_dir / "backups" / name, ignore_errors=True)  # credentials too
                 result = await self.reporter(name, RuntimeStatus(state=RuntimeState.REMOVED, last_error=problem))
                 if result.outcome != Outcome.FAILED:
                     with contextlib.suppress(ApiError, OSError):

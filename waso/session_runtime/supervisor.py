@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from waso.api.session import RuntimeState, RuntimeStatus
+from waso.api.session import RepairReport, RepairRequest, RuntimeState, RuntimeStatus
 from waso.session_runtime.lease_keeper import session_lease_name
 from waso.session_runtime.leases import still_held
 from waso.session_runtime.lifecycle import (
@@ -26,6 +26,7 @@ from waso.session_runtime.lifecycle import (
     Connecting,
     Event,
     Notify,
+    Repaired,
     SessionView,
     Stopped,
     runtime_status,
@@ -68,6 +69,8 @@ class Leases(Protocol):
 
 
 Reporter = Callable[[str, RuntimeStatus], Awaitable[object]]
+Repairer = Callable[[SessionIdentity, RepairRequest], RepairReport]
+"""Backs up and resets a session's credential store (blocking: it runs in a thread)."""
 Listener = asyncio.Queue[tuple[str, dict[str, Any]]]
 
 
@@ -82,6 +85,7 @@ class SessionSupervisor:
         report: Reporter,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         backoff: Backoff | None = None,
+        repairer: Repairer | None = None,
     ) -> None:
         self.identity = identity
         self.transport_factory = transport_factory
@@ -103,6 +107,9 @@ class SessionSupervisor:
         self.view = SessionView()
         self.task: asyncio.Task[None] | None = None
         self._reporting = asyncio.Lock()
+        self.repairer = repairer
+        self.pending_repair: RepairRequest | None = None
+        self.repair_wanted = asyncio.Event()
 
     @property
     def state(self) -> RuntimeState:
@@ -134,6 +141,15 @@ class SessionSupervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
 
+    def request_repair(self, request: RepairRequest) -> None:
+        """Back up, reset and re-pair at the next chance while holding the lease (once per request id)."""
+        done = self.view.last_repair
+        if self.repairer is None or (done is not None and done.id == request.id):
+            return
+        if self.pending_repair is None or self.pending_repair.id != request.id:
+            self.pending_repair = request
+            self.repair_wanted.set()
+
     def holds_lease(self) -> bool:
         """Fencing: only the Lease holder writes the session's status.runtime."""
         return self.renewed is not None and still_held(self.renewed, self.leases.duration, self.clock())
@@ -153,6 +169,8 @@ class SessionSupervisor:
             renewer = asyncio.create_task(self._keep_lease())
             try:
                 while self.wanted.is_set() and not self.lease_lost.is_set():
+                    if self.pending_repair is not None:
+                        await self._repair()  # the socket is closed and the lease held: nobody uses the store
                     try:
                         delay = await self._connect_once()
                     except Exception as error:  # a transport that cannot even start: retried like a drop
@@ -214,7 +232,9 @@ class SessionSupervisor:
         try:
             await transport.start()
             while True:
-                event = await _first(transport.events.get(), self.unwanted.wait(), self.lease_lost.wait())
+                event = await _first(
+                    transport.events.get(), self.unwanted.wait(), self.lease_lost.wait(), self.repair_wanted.wait()
+                )
                 if event is None:
                     return 0.0
                 delay = await self._apply(event)
@@ -242,6 +262,18 @@ class SessionSupervisor:
         view = self.view
         self._notify("status", {"state": view.state.value, "jid": view.jid, "lastError": view.last_error})
         return delay
+
+    async def _repair(self) -> None:
+        request, self.pending_repair = self.pending_repair, None
+        self.repair_wanted.clear()
+        if request is None or self.repairer is None:
+            return
+        log.info("%s: repair %s (%s): backing up and resetting the credential store", self.identity.name,
+                 request.id, request.reason)  # fmt: skip
+        report = await asyncio.to_thread(self.repairer, self.identity, request)
+        if report.error:
+            log.warning("%s: repair %s not done: %s", self.identity.name, request.id, report.error)
+        await self._apply(Repaired(report))
 
     async def touch(self) -> None:
         """A message went out: activity, reported at coarse granularity."""
