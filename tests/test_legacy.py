@@ -344,6 +344,11 @@ def test_key_material_rules() -> None:
     assert judge_creds(as_list, phone) == []
     assert decode_buffer({"type": "Buffer", "data": "not base64!"}) is None
     assert decode_buffer({"buffer": True, "value": "AAE="}) == b"\x00\x01"
+    # Baileys writes the protobuf fields of account (the signed device identity) as plain base64 text.
+    text = {name: value["data"] for name, value in creds(me)["account"].items()}
+    assert judge_creds(creds(me, account=text), phone) == []
+    (finding,) = judge_creds(creds(me, account={**text, "deviceSignature": "%%%"}), phone)
+    assert "account.deviceSignature is not BufferJSON or base64 bytes" in finding.message
 
 
 def test_parse_creds_never_raises() -> None:

@@ -222,10 +222,22 @@ def judge_identity(creds: dict[str, Any], phone: str) -> list[Finding]:
     return findings
 
 
-def _bytes(value: object, path: str, lengths: tuple[int, ...], invalid: list[str]) -> None:
+def decode_bytes(value: object) -> bytes | None:
+    """BufferJSON bytes, or base64 text (how Baileys writes the protobuf fields of ``account``)."""
     decoded = decode_buffer(value)
+    if decoded is None and isinstance(value, str):
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    return decoded
+
+
+def _bytes(value: object, path: str, lengths: tuple[int, ...], invalid: list[str], text: bool = False) -> None:
+    decoded = decode_bytes(value) if text else decode_buffer(value)
     if decoded is None:
-        invalid.append(f"{path} is not a BufferJSON byte string")
+        kind = "BufferJSON or base64 bytes" if text else "a BufferJSON byte string"
+        invalid.append(f"{path} is not {kind}")
     elif lengths and len(decoded) not in lengths:
         invalid.append(f"{path} has {len(decoded)} bytes, not {' or '.join(map(str, lengths))}")
 
@@ -274,9 +286,9 @@ def judge_keys(creds: dict[str, Any]) -> list[Finding]:
     if "account" in required and "account" not in missing:
         account = creds["account"]
         if isinstance(account, dict):
-            _bytes(account.get("details"), "account.details", (), invalid)
-            _bytes(account.get("accountSignature"), "account.accountSignature", (64,), invalid)
-            _bytes(account.get("deviceSignature"), "account.deviceSignature", (64,), invalid)
+            _bytes(account.get("details"), "account.details", (), invalid, text=True)
+            _bytes(account.get("accountSignature"), "account.accountSignature", (64,), invalid, text=True)
+            _bytes(account.get("deviceSignature"), "account.deviceSignature", (64,), invalid, text=True)
         else:
             invalid.append("account is not an object")
     findings: list[Finding] = []

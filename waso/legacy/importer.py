@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from waso.api.jid import parse_jid
-from waso.legacy.creds import MAX_CREDS_BYTES, decode_buffer, judge_identity, parse_creds, quote
+from waso.legacy.creds import MAX_CREDS_BYTES, decode_buffer, decode_bytes, judge_identity, parse_creds, quote
 
 STORE_FILE = "whatsmeow.db"
 """The store's file name in a session's store directory: waso.session_runtime.neonize_transport.STORE_FILE."""
@@ -163,12 +163,7 @@ class _Reader:
         value = self.get(path)
         if value is None:
             return b""
-        decoded = decode_buffer(value)
-        if decoded is None and text and isinstance(value, str):
-            try:
-                decoded = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                decoded = None
+        decoded = decode_bytes(value) if text else decode_buffer(value)
         if decoded is None:
             kind = "BufferJSON or base64 bytes" if text else "a BufferJSON byte string"
             self.invalid.append(f"{path} is not {kind}")
