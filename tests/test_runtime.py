@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -506,3 +509,50 @@ def test_a_broken_identity_is_backed_up_reset_and_offered_for_pairing_again(worl
     world.wait_state("Connected")
     _condition_is(world, "DeviceHealthy", "True", "Healthy")
     _condition_is(world, "Ready", "True", "Ready")
+
+
+def _waso(world: World, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "waso.cli.main", *args], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "KUBECONFIG": str(world.kubeconfig)},
+    )  # fmt: skip
+
+
+def _repairs(world: World) -> dict[str, Any]:
+    found: dict[str, Any] = get(world.api, world.namespace, "s1").get("status", {}).get("repairs", {})
+    return found
+
+
+def test_a_manual_repair_and_a_rollback_through_the_cli(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    first = world.pair_by_qr(runtime)
+    world.wait_state("Connected")
+    target = f"{world.namespace}/s1"
+
+    asked = _waso(world, "repair", target)  # a healthy session: only a person can ask for this
+    assert asked.returncode == 0, asked.stderr
+    repairs = wait_for(lambda: (r := _repairs(world)).get("count") == 1 and "requested" not in r and r,
+                       timeout=60, what="the manual repair done")  # fmt: skip
+    assert repairs["lastReason"] == "Manual"
+    assert "storedJid" not in world.wait_state("AwaitingPairing")
+    links = world.stats()["counters"]["links"]
+
+    refused = _waso(world, "repair", "rollback", target, "--backup", "nope")
+    assert refused.returncode == 0, refused.stderr  # asked; the operator says why it cannot
+
+    def refusal() -> bool:
+        events = client.CoreV1Api(world.api).list_namespaced_event(world.namespace).items
+        return any(e.reason == "RollbackRefused" and "no backup 'nope'" in (e.message or "") for e in events)
+
+    wait_for(refusal, timeout=60, what="RollbackRefused Event")
+    rolled = _waso(world, "repair", "rollback", target)  # the latest backup
+    assert rolled.returncode == 0, rolled.stderr
+    back = wait_for(lambda: (r := world.runtime_status()).get("state") == "Connected" and r, timeout=60,
+                    what="connected again from the restored store")  # fmt: skip
+    assert back["jid"] == first["jid"]  # the same linked device ...
+    assert world.stats()["counters"]["links"] == links  # ... without a new scan
+    assert _repairs(world)["count"] == 1  # a rollback is not a repair
+    assert _repairs(world)["lastReason"] == "Rollback"
+    assert _waso(world, "repair", "acme").returncode == 2  # NAMESPACE/NAME, or a clear usage line

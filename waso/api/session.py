@@ -13,6 +13,8 @@ from waso.api.conditions import Condition
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
 REPAIR_ANNOTATION = "waso.dev/repair"
 """Set to a new value (``waso repair`` writes the time) to ask for a repair of the session."""
+ROLLBACK_ANNOTATION = "waso.dev/rollback"
+"""``<backup id or latest>#<token>`` (``waso repair rollback`` writes it) to restore a backup."""
 CLEANUP_FINALIZER = "waso.dev/credentials"
 """Held while a session's credentials may exist, so that deleting it unlinks the device first."""
 
@@ -118,9 +120,11 @@ class RepairRequest(ApiModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Names the repair and its backup."""
     reason: str = Field(min_length=1, max_length=64)
-    """The DeviceHealthy reason that called for it, or Manual."""
+    """The DeviceHealthy reason that called for it, Manual, or Rollback."""
     requested_at: Timestamp
     """When the operator asked for it."""
+    backup: str | None = Field(default=None, max_length=128)
+    """A rollback: restore this backup instead of backing up and resetting."""
 
 
 class RepairStatus(ApiModel):
@@ -142,15 +146,17 @@ class RepairStatus(ApiModel):
     """The last manual request (annotation waso.dev/repair) the operator acted on."""
     acted_at: Timestamp | None = None
     """When a person last asked for a repair; loop protection counts from then."""
+    handled_rollback: str | None = Field(default=None, max_length=253)
+    """The last rollback request (annotation waso.dev/rollback) the operator acted on."""
 
 
 class RepairReport(ApiModel):
-    """What the runtime did for a repair request."""
+    """What the runtime did for a repair (or rollback) request."""
 
     id: str = Field(min_length=1, max_length=128)
     """The request's id."""
     backup: str | None = Field(default=None, max_length=128)
-    """The backup taken before the reset (absent: nothing to back up)."""
+    """The backup taken before the reset (absent: nothing to back up), or the one restored."""
     completed_at: Timestamp
     """When the store was reset."""
     error: str | None = Field(default=None, max_length=1024)

@@ -83,6 +83,12 @@ def _legacy_import(args: argparse.Namespace) -> int:
     return import_command(args.directory, args.store_dir, args.phone)
 
 
+def _repair(args: argparse.Namespace) -> int:
+    from waso.cli.repair import main
+
+    return main(args.words, args.backup)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -117,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument("--first-device", type=int, default=1, help="first device number of each account")
     simulator.add_argument("-v", "--verbose", action="store_true")
     simulator.set_defaults(handler=_simulator)
+
+    repair = commands.add_parser(
+        "repair",
+        help="ask for a repair (back up, reset, re-pair) or, with `rollback`, a restore of a session's credentials",
+        usage="waso repair NAMESPACE/NAME | waso repair rollback NAMESPACE/NAME [--backup ID]",
+    )
+    repair.add_argument("words", nargs="+", metavar="[rollback] NAMESPACE/NAME")
+    repair.add_argument("--backup", help="with rollback: the backup to restore (default: the latest)")
+    repair.set_defaults(handler=_repair)
 
     status = commands.add_parser("status", help="report tenants and sessions (kubeconfig: KUBECONFIG)")
     status.add_argument("session", nargs="?", help="only this session")

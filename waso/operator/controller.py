@@ -39,7 +39,16 @@ from waso.operator.config import OperatorConfig
 from waso.operator.events import lifecycle_events
 from waso.operator.health import device_health
 from waso.operator.placement import assign_shards, replicas_needed
-from waso.operator.repair import RepairCandidate, RepairPlan, RepairPolicy, begin, pending_request, plan_repairs, settle
+from waso.operator.repair import (
+    RepairCandidate,
+    RepairPlan,
+    RepairPolicy,
+    begin,
+    pending_request,
+    plan_repairs,
+    rollback,
+    settle,
+)
 from waso.operator.resources import tenant_objects
 from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part
 from waso.operator.world import PodFacts, SessionFacts
@@ -101,6 +110,7 @@ class Controller:
         self.released: set[str] = set()
         self.event_namespace = own_namespace()
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._writes = asyncio.Semaphore(config.write_concurrency)
         self.passes = 0
@@ -269,6 +279,9 @@ class Controller:
                 continue
             before = session.status.repairs or RepairStatus()
             current = settle(before, session.runtime, policy)
+            current, refused = rollback(current, session.rollback_request, now)
+            if refused is not None:
+                self._spawn_event(session, "RollbackRefused", f"tenant {session.namespace}: {refused}", "Warning")
             if current != before:
                 changed[session.uid] = current
             health = device_health(session.runtime, self.config.max_device_id)
@@ -295,6 +308,12 @@ class Controller:
             metrics.REPAIRS.labels(start.namespace, start.reason).inc()
             log.info("%s/%s: repair started (%s)", start.namespace, start.name, start.reason)
         return changed, plan
+
+    def _spawn_event(self, session: SessionFacts, reason: str, message: str, kind: str) -> None:
+        """An Event recorded beside the pass (a decision that writes no status of its own)."""
+        task = asyncio.create_task(self._event(session, reason, message, kind, None))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _quota_spec(self, quota: QuotaFacts | None) -> TenantQuotaSpec:
         return quota.spec if quota is not None else self.config.default_quota

@@ -74,7 +74,7 @@ def lifecycle_events(tenant: str, before: Sequence[Condition], after: Sequence[C
         if ready_reason_after == Reason.REPAIRING:
             add(EventReason.REPAIR_STARTED, ready_message, warning=True)
         elif ready_reason_before == Reason.REPAIRING:
-            add(EventReason.REPAIRED, "credential store backed up and reset; scan the new QR code to pair again")
+            add(EventReason.REPAIRED, "the repair or rollback of the credential store is done")
         if ready_reason_after == Reason.REPAIR_LOOP:
             add(EventReason.REPAIR_LOOP, ready_message, warning=True)
     return events

@@ -241,6 +241,8 @@ def settle(repairs: RepairStatus, runtime: RuntimeStatus | None, policy: RepairP
         dropped = set(backups_to_drop({b.name: b.taken_at for b in backups}, policy))
         backups = tuple(b for b in backups if b.name not in dropped)
     reason = request.reason if done.error is None else f"{request.reason}: {done.error}"
+    if request.backup is not None:  # a rollback: nothing was backed up or counted
+        return repairs.model_copy(update={"last_reason": reason[:1024], "requested": None})
     return repairs.model_copy(
         update={
             "count": repairs.count + (done.error is None),
@@ -271,3 +273,27 @@ def begin(repairs: RepairStatus, start: RepairStart, now: datetime) -> RepairSta
 def pending_request(annotation: str | None, repairs: RepairStatus) -> str | None:
     """The manual request not yet acted on (a new value of the annotation)."""
     return annotation if annotation and annotation != repairs.handled_request else None
+
+
+ROLLBACK = "Rollback"
+
+
+def rollback(repairs: RepairStatus, annotation: str | None, now: datetime) -> tuple[RepairStatus, str | None]:
+    """A rollback asked for by a person (``<backup id or latest>#<token>``), when nothing else is in flight.
+
+    Returns the status with the request (or with the request marked handled and refused) and,
+    when refused, why.
+    """
+    if not annotation or annotation == repairs.handled_rollback or repairs.requested is not None:
+        return repairs, None
+    wanted = annotation.partition("#")[0] or "latest"
+    kept = [b.name for b in repairs.backups]
+    backup = kept[-1] if wanted == "latest" and kept else wanted
+    if backup not in kept:
+        handled = repairs.model_copy(update={"handled_rollback": annotation})
+        known = ", ".join(kept) or "none"
+        return handled, f"no backup {wanted!r} is kept for this session (kept: {known})"
+    request = RepairRequest(
+        id=f"rollback-{now.astimezone(UTC):%Y%m%dt%H%M%S}", reason=ROLLBACK, requested_at=now, backup=backup
+    )
+    return repairs.model_copy(update={"requested": request, "handled_rollback": annotation, "acted_at": now}), None

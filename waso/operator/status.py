@@ -103,7 +103,10 @@ def _summary(
         return "Stalled", Reason.OUT_OF_MEMORY, out_of_memory_message(pod), Phase.FAILED
     if repairs is not None and repairs.requested is not None:
         request = repairs.requested
-        message = f"repair {request.id} ({request.reason}): backing up and resetting the credential store"
+        if request.backup is not None:
+            message = f"{request.id}: restoring backup {request.backup}; the session reconnects without a new scan"
+        else:
+            message = f"repair {request.id} ({request.reason}): backing up and resetting the credential store"
         return "Reconciling", Reason.REPAIRING, message, Phase.REPAIRING
     if repair_stalled is not None:
         return "Stalled", Reason.REPAIR_LOOP, repair_stalled, Phase.FAILED

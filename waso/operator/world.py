@@ -15,6 +15,7 @@ from waso.api.conditions import ConditionType, find_condition
 from waso.api.session import (
     CLEANUP_FINALIZER,
     REPAIR_ANNOTATION,
+    ROLLBACK_ANNOTATION,
     RuntimeStatus,
     WhatsAppSession,
     WhatsAppSessionStatus,
@@ -44,6 +45,8 @@ class SessionFacts:
     status: WhatsAppSessionStatus
     repair_request: str | None = None
     """The value of the annotation waso.dev/repair: a person asking for a repair."""
+    rollback_request: str | None = None
+    """The value of the annotation waso.dev/rollback: a person asking to restore a backup."""
 
     @property
     def key(self) -> str:
@@ -90,6 +93,7 @@ def session_facts(body: Mapping[str, Any]) -> SessionFacts:
         admitted=admitted is not None and admitted.status == "True",
         status=status,
         repair_request=(meta.annotations or {}).get(REPAIR_ANNOTATION),
+        rollback_request=(meta.annotations or {}).get(ROLLBACK_ANNOTATION),
     )
 
 

@@ -55,9 +55,11 @@ class Activity:
 
 @dataclass(frozen=True)
 class Repaired:
-    """The credential store was backed up and reset (or, with ``report.error``, left as it was)."""
+    """A repair request was carried out: the store backed up and reset, restored, or (error) left as it was."""
 
     report: RepairReport
+    reset: bool
+    """The store is empty now: the identity is gone and the next connection offers a QR code."""
 
 
 Event = TransportEvent | Connecting | Stopped | Activity | Repaired
@@ -142,10 +144,9 @@ def step(view: SessionView, event: Event, now: datetime) -> tuple[SessionView, l
             return connected, []
         case IncomingMessage() | Activity():
             return _active(view, now), []
-        case Repaired(report):
-            if report.error is not None:
+        case Repaired(report, reset):
+            if not reset:  # restored or untouched: the next Connecting reads what the store holds
                 return replace(view, last_repair=report), []
-            # The identity is gone with the store: the next connection offers a QR code.
             return replace(view, last_repair=report, jid=None, stored_jid=None, push_name=None, qr=None), []
         case LoggedOut(reason):
             lost = _ended(view, RuntimeState.LOGGED_OUT, f"logged out: {reason}", jid=None, stored_jid=None)

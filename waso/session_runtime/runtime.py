@@ -33,7 +33,7 @@ from waso.api.session import (
 from waso.api.tenancy import SHARD_LABEL, honoured_quota, quota_facts, revision
 from waso.kube import ApiError, KubeClient
 from waso.session_runtime import metrics
-from waso.session_runtime.backups import BackupError, backup_store, prune_backups, reset_store
+from waso.session_runtime.backups import BackupError, backup_store, prune_backups, reset_store, restore_backup
 from waso.session_runtime.config import RuntimeConfig
 from waso.session_runtime.lease_keeper import MANAGER, LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
@@ -156,9 +156,18 @@ class Runtime:
             self._spawn(supervisor.report(), f"report:{name}")
 
     def repair_store(self, identity: SessionIdentity, request: RepairRequest) -> RepairReport:
-        """Back up the session's credential store, keep the newest backups, reset the store (blocking)."""
+        """Back up the session's credential store, keep the newest backups, reset the store (blocking).
+
+        A rollback request (with a backup) restores that backup instead.
+        """
         backups_dir = self.config.data_dir / "backups" / identity.name
         now = self.clock()
+        if request.backup is not None:
+            try:
+                restore_backup(backups_dir, request.backup, identity.store_dir)
+            except (BackupError, OSError, ValueError) as error:
+                return RepairReport(id=request.id, backup=request.backup, completed_at=now, error=str(error)[:1024])
+            return RepairReport(id=request.id, backup=request.backup, completed_at=now)
         try:
             taken = backup_store(identity.store_dir, backups_dir, request.id, now)
         except (BackupError, OSError, TimeoutError, ValueError) as error:

@@ -273,7 +273,7 @@ class SessionSupervisor:
         report = await asyncio.to_thread(self.repairer, self.identity, request)
         if report.error:
             log.warning("%s: repair %s not done: %s", self.identity.name, request.id, report.error)
-        await self._apply(Repaired(report))
+        await self._apply(Repaired(report, reset=request.backup is None and report.error is None))
 
     async def touch(self) -> None:
         """A message went out: activity, reported at coarse granularity."""
