@@ -89,6 +89,16 @@ def _repair(args: argparse.Namespace) -> int:
     return main(args.words, args.backup)
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from waso.cli import migrate
+
+    if args.migrate_command == "plan":
+        return migrate.plan_command(args.tenant, args.output)
+    if args.migrate_command == "apply":
+        return migrate.apply_command(args.tenant, args.all, args.yes, args.delay, args.state, args.log_dir)
+    return migrate.rollback_command(args.tenant, args.yes, args.state, args.log_dir)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -133,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     repair.add_argument("--backup", help="with rollback: the backup to restore (default: the latest)")
     repair.set_defaults(handler=_repair)
 
+    _migrate_parser(commands)
+
     status = commands.add_parser("status", help="report tenants and sessions (kubeconfig: KUBECONFIG)")
     status.add_argument("session", nargs="?", help="only this session")
     status.add_argument("-n", "--namespace", help="only this tenant; default: all")
@@ -166,6 +178,40 @@ def build_parser() -> argparse.ArgumentParser:
     legacy_import.add_argument("--phone", help="the phone (+E.164) when CREDS_DIR is not named after it")
     legacy_import.set_defaults(handler=_legacy_import)
     return parser
+
+
+def _migrate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    migrate = commands.add_parser(
+        "migrate", help="repair broken device identities tenant by tenant: plan, apply (resumable), rollback"
+    )
+    migrate_commands = migrate.add_subparsers(dest="migrate_command", required=True, metavar="COMMAND")
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--state", default="waso-migrate-state.json", metavar="FILE", help="the migration's state")
+    files.add_argument("--log-dir", default="waso-migrate-logs", metavar="DIR", help="<DIR>/<tenant>.log")
+
+    plan = migrate_commands.add_parser("plan", help="per tenant: the unhealthy sessions and what would happen")
+    plan.add_argument("--tenant", action="append", metavar="NS", help="only this tenant (repeatable); default: all")
+    plan.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    apply = migrate_commands.add_parser(
+        "apply", parents=[files], help="request the repairs tenant by tenant (a dry run unless --yes)"
+    )
+    which = apply.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tenant", action="append", metavar="NS", help="this tenant (repeatable)")
+    which.add_argument("--all", action="store_true", help="every namespace with WhatsAppSessions")
+    mode = apply.add_mutually_exclusive_group()
+    mode.add_argument("--yes", action="store_true", help="really write the requests")
+    mode.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing (default)")
+    apply.add_argument("--delay", type=float, default=5.0, metavar="SECONDS", help="between tenants (default 5)")
+
+    rollback = migrate_commands.add_parser(
+        "rollback", parents=[files], help="restore the latest backup of the sessions this migration repaired"
+    )
+    rollback.add_argument("--tenant", required=True, metavar="NS")
+    rollback_mode = rollback.add_mutually_exclusive_group()
+    rollback_mode.add_argument("--yes", action="store_true", help="really write the requests")
+    rollback_mode.add_argument("--dry-run", action="store_true", help="change nothing (default)")
+    migrate.set_defaults(handler=_migrate)
 
 
 def main(argv: list[str] | None = None) -> int:
