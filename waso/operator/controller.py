@@ -293,7 +293,9 @@ class Controller:
                     name=session.name,
                     health=health.reason if health.healthy is False else None,
                     tenant_auto_repair=self._quota_spec(honoured.get(session.namespace)).auto_repair,
-                    in_flight=current.requested is not None,
+                    # Until the cleared request is stored, its slot is still taken: writes of one pass
+                    # land in any order, and the API must never show more than the limit.
+                    in_flight=before.requested is not None or current.requested is not None,
                     repair_starts=current.starts or (),
                     acted_at=current.acted_at,
                     manual_request=pending_request(session.repair_request, current),

@@ -172,6 +172,8 @@ class Runtime:
             taken = backup_store(identity.store_dir, backups_dir, request.id, now)
         except (BackupError, OSError, TimeoutError, ValueError) as error:
             return RepairReport(id=request.id, completed_at=now, error=f"backup failed, store kept: {error}"[:1024])
+        if not taken.files:  # nothing was stored: an empty backup would only push a real one out
+            shutil.rmtree(taken.path, ignore_errors=True)
         prune_backups(backups_dir, self.config.keep_backups)
         reset_store(identity.store_dir)
         return RepairReport(id=request.id, backup=taken.id if taken.files else None, completed_at=now)

@@ -109,6 +109,8 @@ class SessionSupervisor:
         self._reporting = asyncio.Lock()
         self.repairer = repairer
         self.pending_repair: RepairRequest | None = None
+        self.repairing: str | None = None
+        """The id of the repair being carried out (a watch event meanwhile must not queue it again)."""
         self.repair_wanted = asyncio.Event()
 
     @property
@@ -144,7 +146,7 @@ class SessionSupervisor:
     def request_repair(self, request: RepairRequest) -> None:
         """Back up, reset and re-pair at the next chance while holding the lease (once per request id)."""
         done = self.view.last_repair
-        if self.repairer is None or (done is not None and done.id == request.id):
+        if self.repairer is None or request.id in (self.repairing, done.id if done is not None else None):
             return
         if self.pending_repair is None or self.pending_repair.id != request.id:
             self.pending_repair = request
@@ -268,9 +270,17 @@ class SessionSupervisor:
         self.repair_wanted.clear()
         if request is None or self.repairer is None:
             return
+        self.repairing = request.id
+        try:
+            await self._carry_out(request, self.repairer)
+        finally:
+            self.repairing = None
+
+    async def _carry_out(self, request: RepairRequest, repairer: Repairer) -> None:
+        await self._apply(Stopped())  # the socket is closed: its identity must not read as a live one without a JID
         log.info("%s: repair %s (%s): backing up and resetting the credential store", self.identity.name,
                  request.id, request.reason)  # fmt: skip
-        report = await asyncio.to_thread(self.repairer, self.identity, request)
+        report = await asyncio.to_thread(repairer, self.identity, request)
         if report.error:
             log.warning("%s: repair %s not done: %s", self.identity.name, request.id, report.error)
         await self._apply(Repaired(report, reset=request.backup is None and report.error is None))
