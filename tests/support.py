@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,20 @@ from processes import free_port
 T = TypeVar("T")
 
 __all__ = ["BIN", "api_message", "free_port", "kubectl", "wait_for", "which_or_fail"]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_waso(
+    *args: str, kubeconfig: Path | None = None, cwd: Path = REPO, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The `waso` command as a user runs it (a process of its own), with its output and exit code."""
+    env = {**os.environ, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {})}
+    return subprocess.run(
+        [sys.executable, "-m", "waso.cli.main", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
 
 
 def wait_for(probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.1) -> T:

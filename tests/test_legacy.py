@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import run_waso
 from waso.api.session import WhatsAppSession
 from waso.legacy.command import scan_command
 from waso.legacy.creds import Code, decode_buffer, judge_creds, parse_creds
@@ -181,14 +181,7 @@ def test_cli_subprocess(tree: tuple[Path, Path], tmp_path: Path) -> None:
     root, mapping = tree
 
     def waso(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "waso.cli.main", "legacy", "scan", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        return run_waso("legacy", "scan", *args, timeout=60)
 
     done = waso(str(root), "--mapping", str(mapping), "-o", "json")
     assert done.returncode == 0, done.stderr

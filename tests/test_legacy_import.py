@@ -12,13 +12,13 @@ import os
 import sqlite3
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from neonize.aioze.client import ClientFactory
 
+from tests.support import run_waso
 from waso.api.jid import parse_jid
 from waso.legacy.importer import STORE_FILE, ImportRefused, device_row, public_key, read_row, write_store, x25519
 from waso.session_runtime import neonize_transport
@@ -81,13 +81,7 @@ def write_creds(root: Path, creds: dict[str, Any], name: str = PHONE) -> Path:
 
 
 def waso(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "waso.cli.main", "legacy", "import", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_waso("legacy", "import", *args)
 
 
 def test_x25519_matches_rfc7748() -> None:

@@ -22,7 +22,7 @@ from kubernetes import client
 
 from tests.conftest import ControlPlane
 from tests.operator_support import PLURAL, Tenants, create_session, get, list_sessions
-from tests.support import wait_for
+from tests.support import run_waso, wait_for
 from waso.api.base import GROUP, VERSION
 
 REPAIR = "waso.dev/repair"
@@ -71,14 +71,7 @@ class World:
         return None if value is None else str(value)
 
     def waso(self, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "waso.cli.main", *args],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
-        )
+        result = run_waso(*args, kubeconfig=self.kubeconfig, cwd=cwd)
         if check and result.returncode != 0:
             raise AssertionError(f"waso {' '.join(args)} exited {result.returncode}: {result.stdout}{result.stderr}")
         return result

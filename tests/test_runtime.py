@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from kubernetes import client
 from tests.conftest import ControlPlane, RedisServer
 from tests.operator_support import Tenants, condition, create_quota, create_session, get
 from tests.runtime_support import Process, SseStream, http_json, simulator_process, start_runtime
-from tests.support import kubectl, wait_for
+from tests.support import kubectl, run_waso, wait_for
 from waso.api.base import GROUP, VERSION
 
 PHONE = "+4915112345601"
@@ -225,11 +223,13 @@ def _instance_of(runtime: Process) -> str | None:
     return None
 
 
-def _connected_session(world: World, runtime: Process, name: str, phone: str) -> None:
+def _connected_session(world: World, runtime: Process, name: str = "s1", phone: str = PHONE) -> dict[str, Any]:
+    """A session paired by QR and connected; the simulator's answer to the scan (jid, deviceId)."""
     world.session(name, phone)
     world.wait_state("AwaitingPairing", name)
-    world.pair_by_qr(runtime, name, phone)
+    scanned = world.pair_by_qr(runtime, name, phone)
     world.wait_state("Connected", name)
+    return scanned
 
 
 def _send(runtime: Process, name: str, text: str) -> Any:
@@ -468,11 +468,7 @@ def test_a_high_device_number_with_a_consistent_identity_is_healthy(world: World
 @pytest.mark.simulator_args("--first-device", "47")
 @pytest.mark.operator_env(WASO_MAX_DEVICE_ID="10")
 def test_a_high_device_number_is_unhealthy_only_under_the_opt_in_policy(world: World) -> None:
-    runtime = world.runtime()
-    world.session()
-    world.wait_state("AwaitingPairing")
-    world.pair_by_qr(runtime)
-    world.wait_state("Connected")
+    _connected_session(world, world.runtime())
     said = _condition_is(world, "DeviceHealthy", "False", "DeviceIdAbovePolicy")
     assert "47" in said["message"]
     assert "maxDeviceId 10" in said["message"]
@@ -480,10 +476,7 @@ def test_a_high_device_number_is_unhealthy_only_under_the_opt_in_policy(world: W
 
 def test_a_broken_identity_is_backed_up_reset_and_offered_for_pairing_again(world: World) -> None:
     runtime = world.runtime()
-    world.session()
-    world.wait_state("AwaitingPairing")
-    first = world.pair_by_qr(runtime)
-    world.wait_state("Connected")
+    first = _connected_session(world, runtime)
     _fault(world, "identity_mismatch")
     _fault(world, "drop")  # the next login reports another device number than the one stored
 
@@ -512,10 +505,7 @@ def test_a_broken_identity_is_backed_up_reset_and_offered_for_pairing_again(worl
 
 
 def _waso(world: World, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "waso.cli.main", *args], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "KUBECONFIG": str(world.kubeconfig)},
-    )  # fmt: skip
+    return run_waso(*args, kubeconfig=world.kubeconfig)
 
 
 def _repairs(world: World) -> dict[str, Any]:
@@ -525,10 +515,7 @@ def _repairs(world: World) -> dict[str, Any]:
 
 def test_a_manual_repair_and_a_rollback_through_the_cli(world: World) -> None:
     runtime = world.runtime()
-    world.session()
-    world.wait_state("AwaitingPairing")
-    first = world.pair_by_qr(runtime)
-    world.wait_state("Connected")
+    first = _connected_session(world, runtime)
     target = f"{world.namespace}/s1"
 
     asked = _waso(world, "repair", target)  # a healthy session: only a person can ask for this
@@ -553,6 +540,7 @@ def test_a_manual_repair_and_a_rollback_through_the_cli(world: World) -> None:
                     what="connected again from the restored store")  # fmt: skip
     assert back["jid"] == first["jid"]  # the same linked device ...
     assert world.stats()["counters"]["links"] == links  # ... without a new scan
-    assert _repairs(world)["count"] == 1  # a rollback is not a repair
-    assert _repairs(world)["lastReason"] == "Rollback"
+    settled = wait_for(lambda: (r := _repairs(world)).get("lastReason") == "Rollback" and "requested" not in r and r,
+                       timeout=60, what="the rollback folded into status.repairs")  # fmt: skip
+    assert settled["count"] == 1  # a rollback is not a repair
     assert _waso(world, "repair", "acme").returncode == 2  # NAMESPACE/NAME, or a clear usage line
