@@ -7,6 +7,7 @@ being repaired, and ten tenants breaking at once never get more repairs in fligh
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,9 @@ from tests.runtime_support import Process, SseStream, http_json, start_runtime
 from tests.support import wait_for
 from tests.test_runtime import PHONE, World, _condition_is, _fault
 from waso.api.base import GROUP, VERSION
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+"""A line that the logging module wrote (tracebacks and foreign output are not)."""
 
 # The fixtures of the runtime tests: the simulator, the operator (with its markers) and one tenant's world.
 simulator = test_runtime.simulator
@@ -330,3 +334,12 @@ def test_ten_tenants_breaking_at_once_never_get_more_repairs_in_flight_than_the_
 
     # The acceptance's measure: sessions whose status says a repair was requested and is not done.
     assert max(requested) <= MAX_IN_FLIGHT, report
+
+    # Every line a runtime logged names its tenant, and the repair's lines the session too.
+    for tenant in eleven:
+        lines = [line for line in tenant.runtime.log.read_text().splitlines() if LOG_LINE.match(line)]
+        assert lines, tenant.runtime.log
+        assert [line for line in lines if f" tenant={tenant.namespace} " not in line] == []
+        repairing = [line for line in lines if "backing up and resetting" in line]
+        assert all(" session=s1 " in line for line in repairing)
+        assert len(repairing) == (0 if tenant is healthy else 1), repairing

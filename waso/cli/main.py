@@ -23,9 +23,7 @@ def _operator(args: argparse.Namespace) -> int:
     if args.namespace:
         os.environ[handlers.NAMESPACES_ENV] = ",".join(args.namespace)
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    _logging(args.verbose)
     logging.getLogger("waso.operator").info("configuration: max_sessions=%d", config.max_sessions)
     kopf.run(
         # Standalone: with kopf peering, a paused standby would still run waso's controller loop
@@ -44,13 +42,13 @@ def _runtime(args: argparse.Namespace) -> int:
 
     from waso.session_runtime.config import RuntimeConfig
 
-    _logging(args.verbose)
     try:
         config = RuntimeConfig()  # from WASO_* variables
     except ValidationError as error:
         problems = "\n  ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
         print(f"waso runtime: invalid configuration:\n  {problems}", file=sys.stderr)
         return 2
+    _logging(args.verbose, tenant=config.namespace)
     from waso.session_runtime.main import serve
 
     asyncio.run(serve(config))
@@ -99,10 +97,10 @@ def _migrate(args: argparse.Namespace) -> int:
     return migrate.rollback_command(args.tenant, args.yes, args.state, args.log_dir)
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+def _logging(verbose: bool, *, tenant: str | None = None) -> None:
+    from waso import logs
+
+    logs.configure(logging.DEBUG if verbose else logging.INFO, tenant=tenant)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from waso.api.quota import TenantQuota, TenantQuotaSpec
 from waso.api.session import CLEANUP_FINALIZER, RepairStatus, RuntimeState, WhatsAppSession, WhatsAppSessionStatus
 from waso.api.tenancy import SHARD_LABEL, QuotaFacts, honoured_quota
 from waso.kube import ApiError, KubeClient, reference
+from waso.logs import about
 from waso.operator import metrics
 from waso.operator.admission import Verdict, plan_admission
 from waso.operator.cleanup import Release, release_finalizer, wants_finalizer
@@ -308,7 +309,7 @@ class Controller:
             current = changed.get(start.uid) or by_uid[start.uid].status.repairs or RepairStatus()
             changed[start.uid] = begin(current, start, now)
             metrics.REPAIRS.labels(start.namespace, start.reason).inc()
-            log.info("%s/%s: repair started (%s)", start.namespace, start.name, start.reason)
+            log.info("repair started (%s)", start.reason, extra=about(start.namespace, start.name))
         return changed, plan
 
     def _spawn_event(self, session: SessionFacts, reason: str, message: str, kind: str) -> None:
@@ -349,7 +350,7 @@ class Controller:
                     await self.kube.apply(_ownership(ref, desired.shard, finalizer=True), MANAGER)
                 except (ApiError, OSError) as error:
                     if not isinstance(error, ApiError) or error.status != 404:  # 404: deleted meanwhile
-                        log.warning("shard of %s not recorded: %s", session.key, error)
+                        log.warning("shard not recorded: %s", error, extra=about(session.namespace, session.name))
                         self.poke_later(1)
                     return
             observed = operator_part(session.status).to_wire()
@@ -372,11 +373,11 @@ class Controller:
                 await self.kube.apply(_ownership(ref, session.shard, finalizer=False), MANAGER)
             except (ApiError, OSError) as error:
                 if not isinstance(error, ApiError) or error.status != 404:
-                    log.warning("finalizer of %s not released: %s", session.key, error)
+                    log.warning("finalizer not released: %s", error, extra=about(session.namespace, session.name))
                     self.poke_later(1)
                 return
         self.released.add(session.uid)
-        log.info("%s: released (%s)", session.key, release.reason)
+        log.info("released (%s)", release.reason, extra=about(session.namespace, session.name))
         if release.warning:
             await self._event(session, "CredentialsNotErased", release.reason, "Warning", None)
 
@@ -417,14 +418,15 @@ class Controller:
             "lastTimestamp": now,
             "count": 1,
         }
+        log.info("%s %s: %s", kind, reason, message, extra=about(session.namespace, session.name))
         try:
             await self.kube.create(event, MANAGER)
         except OSError as error:
-            log.warning("event for %s not recorded: %s", session.key, error)
+            log.warning("event %s not recorded: %s", reason, error, extra=about(session.namespace, session.name))
             return
         except ApiError as error:
             if error.status != 403 or session.namespace == self.event_namespace:
-                log.warning("event for %s not recorded: %s", session.key, error)
+                log.warning("event %s not recorded: %s", reason, error, extra=about(session.namespace, session.name))
                 return
             # The tenant namespace is being deleted and takes no new objects: keep the Event with the operator.
             # An Event outside its object's namespace must be a "new" one: eventTime, action, reporter.
@@ -440,7 +442,7 @@ class Controller:
             try:
                 await self.kube.create(event, MANAGER)
             except (ApiError, OSError) as again:
-                log.warning("event for %s not recorded: %s", session.key, again)
+                log.warning("event %s not recorded: %s", reason, again, extra=about(session.namespace, session.name))
 
     async def _write_quota(self, quota: QuotaFacts, honoured: QuotaFacts | None, used: int, now: datetime) -> None:
         desired = desired_quota_status(quota, honoured, used, now).to_wire()
@@ -488,8 +490,8 @@ class Controller:
             retry = retry_after(retry, now, fingerprint)
             self.tenant_retries[namespace] = retry
             log.warning(
-                "tenant %s workload not applied (attempt %d, next in %.0f s): %s",
-                namespace, retry.attempts, (retry.at - now).total_seconds(), failures[0],
+                "workload not applied (attempt %d, next in %.0f s): %s",
+                retry.attempts, (retry.at - now).total_seconds(), failures[0], extra=about(namespace),
             )  # fmt: skip
             self.poke_later((retry.at - now).total_seconds())
             return
@@ -497,7 +499,7 @@ class Controller:
         if gone:
             return  # everything that still exists has let go of the runtime's identity: forget the tenant
         self.applied_tenants[namespace] = fingerprint
-        log.info("tenant %s: %d session pod(s)", namespace, replicas)
+        log.info("%d session pod(s)", replicas, extra=about(namespace))
 
 
 def _awaits_erasure(session: SessionFacts) -> bool:

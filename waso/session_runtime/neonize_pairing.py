@@ -41,6 +41,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, Protocol
 
+from waso import logs
+
 log = logging.getLogger("waso.runtime")
 
 EXIT_PAIRED, EXIT_FAILED, EXIT_PARENT_GONE = 0, 1, 2
@@ -240,7 +242,8 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Neon
     args = parse_args(argv)
     pdeathsig = die_with_parent(args.parent_pid)
     worker = Worker(_protocol_output())
-    logging.basicConfig(level=logging.WARNING, format=f"waso-pairing[{os.getpid()}] %(levelname)s %(message)s")
+    # The runtime's environment names the tenant; the child's lines join the runtime's.
+    logs.configure(logging.WARNING, tenant=os.environ.get("WASO_NAMESPACE"))
     worker.emit("started", pid=os.getpid(), pdeathsig=pdeathsig)
     _daemon_timer(args.deadline, lambda: worker.finish(EXIT_FAILED, "pairing timed out in the pairing worker"))
     try:

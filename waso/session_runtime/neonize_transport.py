@@ -195,7 +195,7 @@ class NeonizeTransport(Transport):
         try:
             code = await worker.follow(self._on_worker_event)
         except Exception as error:  # an unreadable child: the attempt ends, stop() kills it
-            log.warning("%s: pairing worker %d: %r", self.session.name, worker.pid, error)
+            log.warning("pairing worker %d: %r", worker.pid, error)
             self.events.put_nowait(Disconnected(f"pairing worker failed: {error}"))
             return
         self._release_slot()  # the child has exited
@@ -215,7 +215,7 @@ class NeonizeTransport(Transport):
         if jid is None:
             remove_store(self.pairing_store)
         else:
-            log.info("%s: paired as %s; credentials stored", self.session.name, jid)
+            log.info("paired as %s; credentials stored", jid)
         return jid
 
     async def _end_pairing(self) -> None:
@@ -227,11 +227,11 @@ class NeonizeTransport(Transport):
             except asyncio.CancelledError:
                 pass
             except Exception as error:
-                log.warning("%s: pairing ended with %r", self.session.name, error)
+                log.warning("pairing ended with %r", error)
         worker = self.pairing_worker
         if worker is not None and not self._worker_settled:
             status = await worker.end(KILL_GRACE)
-            log.info("%s: pairing worker %d ended (status %d)", self.session.name, worker.pid, status)
+            log.info("pairing worker %d ended (status %d)", worker.pid, status)
             self._settle_pairing(worker)
         self._release_slot()  # only once no child of this attempt runs
 
@@ -357,10 +357,10 @@ class NeonizeTransport(Transport):
             try:
                 await asyncio.wait_for(client.stop(), 15)  # whatsmeow Disconnect + end of the Go session
             except Exception as error:
-                log.warning("%s: neonize stop failed: %s", self.session.name, error)
+                log.warning("neonize stop failed: %s", error)
         if self._connect_task is not None and not self._connect_task.done():
             # Never cancel it (see _watch_connect); a dial in progress ends by its own timeout.
             done, _ = await asyncio.wait({self._connect_task}, timeout=15)
             if not done:
-                log.warning("%s: neonize session thread did not end; abandoning it", self.session.name)
+                log.warning("neonize session thread did not end; abandoning it")
         self._watcher = self._connect_task = self._pairing_deadline = None

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from waso import logs
 from waso.api.conditions import ConditionType, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
 from waso.api.session import (
@@ -123,7 +124,7 @@ class Runtime:
         if kind == "DELETED":
             supervisor = self.sessions.pop(name, None)
             if supervisor is not None:
-                self._spawn(self._retire(name, supervisor), f"retire:{name}")
+                self._spawn(self._retire(name, supervisor), f"retire:{name}", session=name)
             return
         session = WhatsAppSession.model_validate(obj)
         self.reporter.observe(session)
@@ -153,7 +154,7 @@ class Runtime:
             self._start_erasing(name, supervisor)
         elif supervisor.holds_lease():
             # Someone else's write (or a stale one) may show; the holder puts the truth back.
-            self._spawn(supervisor.report(), f"report:{name}")
+            self._spawn(supervisor.report(), f"report:{name}", session=name)
 
     def repair_store(self, identity: SessionIdentity, request: RepairRequest) -> RepairReport:
         """Back up the session's credential store, keep the newest backups, reset the store (blocking).
@@ -183,14 +184,14 @@ class Runtime:
         running = self.erasing.get(name)
         if running is not None:
             return running
-        task = self._spawn(self._erase(name, supervisor), f"erase:{name}")
+        task = self._spawn(self._erase(name, supervisor), f"erase:{name}", session=name)
         self.erasing[name] = task
         task.add_done_callback(lambda done: self.erasing.pop(name, None) if self.erasing.get(name) is done else None)
         return task
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """A background task, kept until it ends (and cancelled with the runtime)."""
-        task = asyncio.create_task(work, name=name)
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str, *, session: str | None = None) -> asyncio.Task[None]:
+        """A background task, kept until it ends (and cancelled with the runtime); its lines name ``session``."""
+        task = asyncio.create_task(work, name=name, context=logs.session_context(session) if session else None)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -211,13 +212,13 @@ class Runtime:
                 # A namespace being deleted refuses new objects, a Lease included: nobody else can start it.
                 held = error.status == 403
                 if not held:
-                    log.warning("%s: lease not readable (%s); erasing later", name, error)
+                    log.warning("lease not readable (%s); erasing later", error)
             except OSError as error:
                 held = False
-                log.warning("%s: lease not readable (%s); erasing later", name, error)
+                log.warning("lease not readable (%s); erasing later", error)
             else:
                 if not held:
-                    log.info("%s: another runtime holds the session; it erases the credentials", name)
+                    log.info("another runtime holds the session; it erases the credentials")
                     return
             if held:
                 problem = None
@@ -225,14 +226,14 @@ class Runtime:
                     await self.make_transport(supervisor.identity).unlink()  # nothing to do once erased
                 except TransportError as failure:
                     problem = f"{failure}; credentials erased on this volume only"
-                    log.warning("%s: %s", name, problem)
+                    log.warning(problem)
                 shutil.rmtree(supervisor.identity.store_dir, ignore_errors=True)
                 shutil.rmtree(self.config.data_dir / "backups" / name, ignore_errors=True)  # credentials too
                 result = await self.reporter(name, RuntimeStatus(state=RuntimeState.REMOVED, last_error=problem))
                 if result.outcome != Outcome.FAILED:
                     with contextlib.suppress(ApiError, OSError):
                         await self.leases.release(lease)
-                    log.info("%s: device unlinked and credentials erased", name)
+                    log.info("device unlinked and credentials erased")
                     return
             await asyncio.sleep(delay)
             delay = min(30.0, delay * 2)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from waso import logs
 from waso.api.session import RepairReport, RepairRequest, RuntimeState, RuntimeStatus
 from waso.session_runtime.lease_keeper import session_lease_name
 from waso.session_runtime.leases import still_held
@@ -124,7 +125,9 @@ class SessionSupervisor:
     # -- control ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"session:{self.identity.name}")
+        self.task = asyncio.create_task(
+            self._run(), name=f"session:{self.identity.name}", context=logs.session_context(self.identity.name)
+        )
 
     def want(self, running: bool) -> None:
         if running and not self.closed:
@@ -176,12 +179,12 @@ class SessionSupervisor:
                     try:
                         delay = await self._connect_once()
                     except Exception as error:  # a transport that cannot even start: retried like a drop
-                        log.exception("%s: connection attempt failed", self.identity.name)
+                        log.exception("connection attempt failed")
                         ended = await self._apply(Disconnected(f"connection attempt failed: {error}"))
                         delay = self.backoff.next() if ended is None else ended
                     if not self.wanted.is_set() or self.lease_lost.is_set():
                         break
-                    log.info("%s: reconnecting in %.1fs", self.identity.name, delay)
+                    log.info("reconnecting in %.1fs", delay)
                     await _first(asyncio.sleep(delay), self.unwanted.wait(), self.lease_lost.wait())
             finally:
                 renewer.cancel()
@@ -192,7 +195,7 @@ class SessionSupervisor:
                     try:
                         await self.leases.release(self.lease_name)
                     except Exception as error:  # it expires by itself
-                        log.warning("%s: lease not released: %s", self.identity.name, error)
+                        log.warning("lease not released: %s", error)
                 self.renewed = None
 
     async def _acquire(self) -> datetime | None:
@@ -201,7 +204,7 @@ class SessionSupervisor:
             try:
                 renewed = await self.leases.hold(self.lease_name)
             except Exception as error:
-                log.warning("%s: lease not readable: %s", self.identity.name, error)
+                log.warning("lease not readable: %s", error)
                 renewed = None
             if renewed is not None:
                 return renewed
@@ -215,13 +218,13 @@ class SessionSupervisor:
             try:
                 result = await self.leases.hold(self.lease_name)
             except Exception as error:
-                log.warning("%s: lease renewal failed: %s", self.identity.name, error)
+                log.warning("lease renewal failed: %s", error)
                 result = None
             if result is not None:
                 self.renewed = result
                 await self.report()  # a write that failed, or someone else's, is put right at each renewal
             elif not self.holds_lease():
-                log.warning("%s: lease lost; disconnecting", self.identity.name)
+                log.warning("lease lost; disconnecting")
                 self.renewed = None
                 self.lease_lost.set()
                 return
@@ -251,7 +254,7 @@ class SessionSupervisor:
         before = self.view
         self.view, actions = step(before, event, self.clock())
         if self.view.state != before.state:
-            log.info("%s: %s%s", self.identity.name, self.view.state.value, _detail(self.view))
+            log.info("%s%s", self.view.state.value, _detail(self.view))
         if self.view.state == RuntimeState.CONNECTED:
             self.backoff.reset()
         delay = None
@@ -278,11 +281,10 @@ class SessionSupervisor:
 
     async def _carry_out(self, request: RepairRequest, repairer: Repairer) -> None:
         await self._apply(Stopped())  # the socket is closed: its identity must not read as a live one without a JID
-        log.info("%s: repair %s (%s): backing up and resetting the credential store", self.identity.name,
-                 request.id, request.reason)  # fmt: skip
+        log.info("repair %s (%s): backing up and resetting the credential store", request.id, request.reason)
         report = await asyncio.to_thread(repairer, self.identity, request)
         if report.error:
-            log.warning("%s: repair %s not done: %s", self.identity.name, request.id, report.error)
+            log.warning("repair %s not done: %s", request.id, report.error)
         await self._apply(Repaired(report, reset=request.backup is None and report.error is None))
 
     async def touch(self) -> None:
