@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections import Counter
@@ -377,3 +378,18 @@ def test_runtime_api_is_reachable_only_from_the_tenant_and_labelled_namespaces()
         {"namespaceSelector": {"matchLabels": {"waso.dev/runtime-access": "true"}}},
     ]
     assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+
+
+async def test_every_later_pass_is_scheduled_not_only_the_first() -> None:
+    """A retry timer that fired must not swallow the next retries (they fell back to the resync)."""
+    from typing import cast
+
+    from waso.kube import KubeClient
+    from waso.operator.controller import Controller
+
+    controller = Controller(OperatorConfig(), cast(KubeClient, None))  # no pass runs: the API is never reached
+    for _ in range(3):
+        controller.poke_later(0.01)
+        controller.poke_later(60)  # a later wish does not postpone the earlier pass
+        await asyncio.wait_for(controller._wake.wait(), timeout=10)
+        controller._wake.clear()

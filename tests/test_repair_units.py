@@ -11,8 +11,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from waso.api.conditions import Reason
-from waso.api.session import RuntimeState, RuntimeStatus
+from waso.api.conditions import ConditionType, Reason, find_condition
+from waso.api.session import RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.operator.admission import Verdict
 from waso.operator.health import device_health
 from waso.operator.repair import (
     MANUAL,
@@ -24,10 +25,12 @@ from waso.operator.repair import (
     loop_count,
     plan_repairs,
 )
+from waso.operator.status import desired_status
+from waso.operator.world import SessionFacts
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 POLICY = RepairPolicy()
-LIMIT_MESSAGE = "in-flight limit reached"
+LIMIT_MESSAGE = "waiting for a repair slot"
 
 
 def minutes_ago(*minutes: int) -> tuple[datetime, ...]:
@@ -49,7 +52,8 @@ def test_ten_tenants_breaking_at_once_get_three_repairs_and_seven_wait() -> None
     assert [s.namespace for s in plan.start] == ["tenant-0", "tenant-1", "tenant-2"]
     assert {s.reason for s in plan.start} == {"MalformedJid"}
     assert len(plan.waiting) == 7
-    assert set(plan.waiting.values()) == {"in-flight limit reached (3 of 3 repairs in flight across the cluster)"}
+    assert set(plan.waiting.values()) == {"waiting for a repair slot (at most 3 repairs in flight across the cluster)"}
+    assert plan.wake_at is None  # a slot frees when a repair ends, which wakes the operator by itself
     assert not plan.stalled
 
 
@@ -125,6 +129,14 @@ def test_cooldown_spaces_repairs_of_one_session() -> None:
         in plan_repairs([broken("sales", repair_starts=minutes_ago(9))], POLICY, NOW).waiting["acme/sales"]
     )
     assert plan_repairs([broken("sales", repair_starts=minutes_ago(10))], POLICY, NOW).start
+
+
+def test_the_first_cooldown_to_end_wakes_the_operator() -> None:
+    candidates = [broken("a", repair_starts=minutes_ago(4)), broken("b", repair_starts=minutes_ago(9)), broken("c")]
+    plan = plan_repairs(candidates, POLICY, NOW)
+    assert [s.name for s in plan.start] == ["c"]
+    assert plan.wake_at == NOW + timedelta(minutes=1)  # b's cooldown ends first
+    assert plan_repairs([broken("c")], POLICY, NOW).wake_at is None
 
 
 def test_switches_off_say_so_and_manual_requests_still_run() -> None:
@@ -299,3 +311,23 @@ def test_the_same_world_in_any_order_gives_the_same_plan(
     shuffled = list(candidates)
     shuffler.shuffle(shuffled)
     assert plan_repairs(shuffled, policy, NOW) == plan_repairs(candidates, policy, NOW)
+
+
+def test_a_session_that_waits_for_its_repair_says_why_in_ready() -> None:
+    jid = "4915112345601:53@s.whatsapp.net"
+    facts = SessionFacts(
+        uid="u", namespace="acme", name="s", phone_number="+4915112345601", priority=0, suspend=False,
+        created=NOW, generation=1, resource_version=1, deleting=False, deleting_since=None,
+        has_finalizer=True, shard=0, admitted=True,
+        status=WhatsAppSessionStatus(runtime=RuntimeStatus(
+            state=RuntimeState.CONNECTED, jid=jid, stored_jid="4915112345601:52@s.whatsapp.net"
+        )),
+    )  # fmt: skip
+    waiting = plan_repairs([broken("s", repair_starts=minutes_ago(4))], POLICY, NOW).waiting["acme/s"]
+    status = desired_status(facts, Verdict(True, Reason.ADMITTED, "admitted"), 0, NOW, repair_waiting=waiting)
+    ready = find_condition(status.conditions, ConditionType.READY)
+    assert ready is not None
+    assert ready.reason == Reason.IDENTITY_MISMATCH
+    assert ready.message.endswith(
+        "; repair: cooldown until 2026-11-28T12:06:00Z: repairs of one session start at least 10m apart"
+    )

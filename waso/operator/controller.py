@@ -134,11 +134,15 @@ class Controller:
         """Another pass after ``delay`` seconds (failed writes), without spinning meanwhile."""
         loop = asyncio.get_running_loop()
         due = loop.time() + delay
-        if self._retry_timer is not None and self._retry_timer.when() <= due:
-            return
         if self._retry_timer is not None:
+            if self._retry_timer.when() <= due:
+                return  # an earlier pass is due anyway
             self._retry_timer.cancel()
-        self._retry_timer = loop.call_at(due, self.poke)
+        self._retry_timer = loop.call_at(due, self._poke_now)
+
+    def _poke_now(self) -> None:
+        self._retry_timer = None  # fired: the next poke_later schedules again
+        self.poke()
 
     async def run(self) -> None:
         while True:
@@ -221,6 +225,7 @@ class Controller:
                 pod,
                 repairs.get(session.uid),
                 repair_plan.stalled.get(session.uid),
+                repair_plan.waiting.get(session.uid),
             )
             tally[(session.namespace, desired.phase.value if desired.phase else "")] += 1
             healthy = find_condition(desired.conditions, ConditionType.DEVICE_HEALTHY)
@@ -310,6 +315,8 @@ class Controller:
             changed[start.uid] = begin(current, start, now)
             metrics.REPAIRS.labels(start.namespace, start.reason).inc()
             log.info("repair started (%s)", start.reason, extra=about(start.namespace, start.name))
+        if plan.wake_at is not None:  # a cooldown ends: repair then, not at the next resync
+            self.poke_later(max(0.0, (plan.wake_at - now).total_seconds()))
         return changed, plan
 
     def _spawn_event(self, session: SessionFacts, reason: str, message: str, kind: str) -> None:

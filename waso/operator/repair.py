@@ -114,6 +114,8 @@ class RepairPlan:
     """uid -> message: repaired too often, stopped until a person acts."""
     waiting: Mapping[str, str]
     """uid -> message: why a session that needs a repair is not repaired now."""
+    wake_at: datetime | None = None
+    """When the first cooldown of a waiting session ends: a pass must look again then."""
 
 
 def plan_repairs(candidates: Iterable[RepairCandidate], policy: RepairPolicy, now: datetime) -> RepairPlan:
@@ -123,6 +125,7 @@ def plan_repairs(candidates: Iterable[RepairCandidate], policy: RepairPolicy, no
     stalled: dict[str, str] = {}
     waiting: dict[str, str] = {}
     queues: dict[str, list[RepairCandidate]] = defaultdict(list)
+    cooldowns: list[datetime] = []
 
     for candidate in ordered:
         if candidate.in_flight:
@@ -131,11 +134,13 @@ def plan_repairs(candidates: Iterable[RepairCandidate], policy: RepairPolicy, no
         elif candidate.manual_request is not None:
             queues[candidate.namespace].append(candidate)
         elif candidate.health in REPAIRABLE:
-            why_not, loop = _why_not_automatic(candidate, policy, now)
+            why_not, loop, until = _why_not_automatic(candidate, policy, now)
             if loop:
                 stalled[candidate.uid] = why_not
             elif why_not:
                 waiting[candidate.uid] = why_not
+                if until is not None:
+                    cooldowns.append(until)
             else:
                 queues[candidate.namespace].append(candidate)
 
@@ -152,13 +157,13 @@ def plan_repairs(candidates: Iterable[RepairCandidate], policy: RepairPolicy, no
         load[tenant] += 1
         free -= 1
 
-    busy = len(in_flight) + len(start)
     for queue in queues.values():
         for candidate in queue:
+            # No live count in the text: it would rewrite every waiting session's status at each start and end.
             waiting[candidate.uid] = (
-                f"in-flight limit reached ({busy} of {policy.max_in_flight} repairs in flight across the cluster)"
+                f"waiting for a repair slot (at most {policy.max_in_flight} repairs in flight across the cluster)"
             )
-    return RepairPlan(tuple(start), stalled, waiting)
+    return RepairPlan(tuple(start), stalled, waiting, min(cooldowns, default=None))
 
 
 def backups_to_drop(backups: Mapping[str, datetime], policy: RepairPolicy) -> tuple[str, ...]:
@@ -181,27 +186,39 @@ def loop_count(starts: Sequence[datetime], window: timedelta) -> int:
     return best
 
 
-def _why_not_automatic(candidate: RepairCandidate, policy: RepairPolicy, now: datetime) -> tuple[str, bool]:
-    """Why a broken session may not be repaired automatically now ("" if it may), and whether it is a loop."""
+def _why_not_automatic(
+    candidate: RepairCandidate, policy: RepairPolicy, now: datetime
+) -> tuple[str, bool, datetime | None]:
+    """Why a broken session may not be repaired automatically now ("" if it may), whether it is a loop,
+    and when a cooldown ends."""
     if not policy.enabled:
-        return f"automatic repair is off globally; run `waso repair {candidate.key}`", False
+        return f"automatic repair is off globally; run `waso repair {candidate.key}`", False, None
     if not candidate.tenant_auto_repair:
-        return f"automatic repair is off for tenant {candidate.namespace}; run `waso repair {candidate.key}`", False
+        message = f"automatic repair is off for tenant {candidate.namespace}; run `waso repair {candidate.key}`"
+        return message, False, None
     counted = [t for t in candidate.repair_starts if candidate.acted_at is None or t > candidate.acted_at]
     repeats = loop_count(counted, policy.loop_window)
     if repeats > policy.loop_limit:
         return (
-            f"{repeats} repairs within {_duration(policy.loop_window)}: automatic repair stopped; "
-            f"run `waso repair {candidate.key}` after fixing the cause"
-        ), True
+            (
+                f"{repeats} repairs within {_duration(policy.loop_window)}: automatic repair stopped; "
+                f"run `waso repair {candidate.key}` after fixing the cause"
+            ),
+            True,
+            None,
+        )
     if candidate.repair_starts:
         until = max(candidate.repair_starts) + policy.cooldown
         if now < until:
             return (
-                f"cooldown until {_timestamp(until)}: repairs of one session start at least "
-                f"{_duration(policy.cooldown)} apart"
-            ), False
-    return "", False
+                (
+                    f"cooldown until {_timestamp(until)}: repairs of one session start at least "
+                    f"{_duration(policy.cooldown)} apart"
+                ),
+                False,
+                until,
+            )
+    return "", False, None
 
 
 def _need_order(candidate: RepairCandidate) -> tuple[bool, datetime, str, str]:

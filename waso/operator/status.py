@@ -90,6 +90,7 @@ def _summary(
     now: datetime,
     repairs: RepairStatus | None,
     repair_stalled: str | None,
+    repair_waiting: str | None,
 ) -> tuple[Progress, str, str, Phase]:
     if verdict.reason == Reason.PHONE_NUMBER_CONFLICT:
         return "Stalled", verdict.reason, verdict.message, Phase.FAILED
@@ -111,7 +112,8 @@ def _summary(
     if repair_stalled is not None:
         return "Stalled", Reason.REPAIR_LOOP, repair_stalled, Phase.FAILED
     if health.healthy is False:
-        return "Stalled", health.reason, health.message, Phase.FAILED
+        message = f"{health.message}; repair: {repair_waiting}" if repair_waiting else health.message
+        return "Stalled", health.reason, message, Phase.FAILED
     state = runtime.state if runtime else None
     if state is None or state in (RuntimeState.STOPPED, RuntimeState.CONNECTING):
         return "Reconciling", Reason.PROGRESSING, "admitted; waiting for the session runtime to connect", Phase.STARTING
@@ -145,6 +147,7 @@ def desired_status(
     pod: PodFacts | None = None,
     repairs: RepairStatus | None = None,
     repair_stalled: str | None = None,
+    repair_waiting: str | None = None,
 ) -> WhatsAppSessionStatus:
     """The operator's part of the status (all but ``runtime``); ``pod`` is the session pod of ``shard``."""
     generation = facts.generation
@@ -162,7 +165,9 @@ def desired_status(
     healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
     put(ConditionType.DEVICE_HEALTHY, healthy, health.reason, health.message)
     repairs = repairs if repairs is not None else facts.status.repairs
-    progress, reason, message, phase = _summary(verdict, runtime, health, pod, now, repairs, repair_stalled)
+    progress, reason, message, phase = _summary(
+        verdict, runtime, health, pod, now, repairs, repair_stalled, repair_waiting
+    )
     conditions = set_kstatus(conditions, progress, reason, message, observed_generation=generation, now=now)
 
     admitted_at = facts.status.admitted_at
