@@ -1,7 +1,7 @@
 """`waso legacy import`: Baileys creds.json into a whatsmeow store that neonize reads back as the same device.
 
-The fixtures hold real Curve25519 key pairs (random private keys, public keys by RFC 7748 X25519,
-checked against the RFC's vectors below), encoded as Baileys writes them.
+The fixtures hold real Curve25519 key pairs (random private keys, public keys by RFC 7748 X25519
+from ``cryptography``, checked against the RFC's vectors below), encoded as Baileys writes them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from neonize.aioze.client import ClientFactory
 
 from tests.support import run_waso
 from waso.api.jid import parse_jid
-from waso.legacy.importer import STORE_FILE, ImportRefused, device_row, public_key, read_row, write_store, x25519
+from waso.legacy.importer import STORE_FILE, ImportRefused, device_row, public_key, read_row, write_store
 from waso.session_runtime import neonize_transport
 from waso.session_runtime.neonize_transport import jid_text, stored_jid
 
@@ -82,6 +83,10 @@ def write_creds(root: Path, creds: dict[str, Any], name: str = PHONE) -> Path:
 
 def waso(*args: str) -> subprocess.CompletedProcess[str]:
     return run_waso("legacy", "import", *args)
+
+
+def x25519(scalar: bytes, u: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(scalar).exchange(X25519PublicKey.from_public_bytes(u))
 
 
 def test_x25519_matches_rfc7748() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import subprocess
 import time
@@ -20,7 +22,9 @@ from tests.conftest import ControlPlane, RedisServer
 from tests.operator_support import Tenants, condition, create_quota, create_session, get
 from tests.runtime_support import Process, SseStream, http_json, simulator_process, start_runtime
 from tests.support import kubectl, run_waso, wait_for
+from tests.test_legacy_import import baileys_creds, write_creds
 from waso.api.base import GROUP, VERSION
+from waso.legacy.importer import STORE_FILE, public_key, read_row
 
 PHONE = "+4915112345601"
 
@@ -544,3 +548,62 @@ def test_a_manual_repair_and_a_rollback_through_the_cli(world: World) -> None:
                        timeout=60, what="the rollback folded into status.repairs")  # fmt: skip
     assert settled["count"] == 1  # a rollback is not a repair
     assert _waso(world, "repair", "acme").returncode == 2  # NAMESPACE/NAME, or a clear usage line
+
+
+def _import_legacy_store(world: World, name: str, phone: str, registered_noise_key: bytes | None = None) -> str:
+    """Baileys credentials of device 47, its keys registered with the simulator, imported into the store of ``name``.
+
+    ``registered_noise_key``: the public noise key WhatsApp knows for the device (by default the
+    imported one's). Returns the device's JID.
+    """
+    digits = phone.removeprefix("+")
+    creds = baileys_creds(f"{digits}.0:47@s.whatsapp.net")
+    keys = creds["_private"]
+    registered = http_json(
+        "POST",
+        f"{world.simulator.url}/v1/phones/{phone}/devices",
+        {
+            "device": 47,
+            "noiseKey": base64.b64encode(registered_noise_key or public_key(keys["noise"])).decode(),
+            "identityKey": base64.b64encode(public_key(keys["identity"])).decode(),
+        },
+    )
+    assert registered.status == 201, registered.body
+    directory = write_creds(world.tmp / "baileys", creds, name=digits)
+    imported = run_waso("legacy", "import", str(directory), "--store-dir", str(world.tmp / "data" / "sessions" / name))
+    assert imported.returncode == 0, imported.stderr
+    jid: str = registered.body["jid"]
+    assert f"{jid} (device 47)" in imported.stdout
+    return jid
+
+
+def test_a_session_with_imported_baileys_credentials_connects_as_the_same_device(world: World) -> None:
+    """`waso legacy import` before the session exists: no QR code, the simulator's key check passes as device 47."""
+    other_phone = "+4915112345602"
+    jid = _import_legacy_store(world, "s1", PHONE)
+    refused_jid = _import_legacy_store(world, "s2", other_phone, registered_noise_key=os.urandom(32))
+    world.runtime()
+    world.session("s1", PHONE)
+
+    status = world.wait_state("Connected")
+    assert (status["jid"], status["deviceId"], status["storedJid"]) == (jid, 47, jid)
+    assert jid == "4915112345601:47@s.whatsapp.net"
+    _condition_is(world, "DeviceHealthy", "True", "Healthy")
+    counters = world.stats()["counters"]
+    assert counters.get("qr_codes", 0) == counters.get("links", 0) == 0  # never offered a QR code, never paired
+    assert counters["logins_by_key"] == 1
+    devices = http_json("GET", f"{world.simulator.url}/v1/phones/{PHONE}/devices").body
+    assert [(d["deviceId"], d["jid"], d["live"]) for d in devices["linked"]] == [(47, jid, 1)]
+
+    # Keys that are not the ones WhatsApp registered for the device: a 401 at login. As whatsmeow does
+    # on a 401, the device is deleted from the store; the session is logged out and offered for pairing.
+    store = world.tmp / "data" / "sessions" / "s2" / STORE_FILE
+    world.session("s2", other_phone)
+    status = world.wait_state("AwaitingPairing", "s2")
+    assert status["lastError"].startswith("logged out: 401: the noise key presented is not the one registered")
+    assert "storedJid" not in status
+    assert world.stats()["counters"]["logins_refused"] == 1
+    assert read_row(store) is None  # the imported device is gone from its store
+    devices = http_json("GET", f"{world.simulator.url}/v1/phones/{other_phone}/devices").body
+    assert [(d["jid"], d["live"]) for d in devices["linked"]] == [(refused_jid, 0)]  # never live
+    assert world.wait_state("Connected")["jid"] == jid  # the other session is untouched

@@ -7,6 +7,7 @@ so what the simulator sends is checked against what the runtime reads.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -19,12 +20,18 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from tests.test_legacy_import import baileys_creds
+from waso.legacy.importer import STORE_FILE, device_row, public_key, read_row, write_store
 from waso.session_runtime.simulator_transport import SimulatorTransport
-from waso.session_runtime.transport import Connected, Paired, QrCode, SessionIdentity, TemporaryBan
-from waso.simulator.server import Simulator
+from waso.session_runtime.transport import Connected, LoggedOut, Paired, QrCode, SessionIdentity, TemporaryBan
+from waso.simulator import server
+from waso.simulator.server import Simulator, proof
 
 PHONE = "+4915110000001"
+IMPORTED = "51949376824"
 T = TypeVar("T")
 
 
@@ -374,3 +381,233 @@ async def test_unlinked_devices_show_in_the_per_account_view(tmp_path: Path) -> 
         status, answer = await box.call("GET", "/v1/phones/+4900000000/devices")
         assert status == 404, answer
         assert "+4900000000" in answer, answer
+
+
+# -- a device linked by another client: registered by its keys, logged in by proving them ----------
+
+
+def x25519_pair() -> tuple[bytes, bytes]:
+    """A random Curve25519 private key and its public key."""
+    private = X25519PrivateKey.generate()
+    raw = Encoding.Raw
+    return private.private_bytes(raw, PrivateFormat.Raw, NoEncryption()), private.public_key().public_bytes(
+        raw, PublicFormat.Raw
+    )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def register(box: Sandbox, device: int, noise_public: bytes, phone: str = PHONE) -> tuple[int, Any]:
+    body = {"device": device, "noiseKey": b64(noise_public), "identityKey": b64(x25519_pair()[1])}
+    return await box.call("POST", f"/v1/phones/{phone}/devices", body)
+
+
+async def key_login(box: Sandbox, device: int, noise_private: bytes, phone: str = PHONE) -> Companion:
+    """A raw socket logging in by keys, answering the challenge as the runtime's transport does."""
+    noise = X25519PrivateKey.from_private_bytes(noise_private)
+    public = noise.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    companion = await box.companion(phone, {"device": device, "noiseKey": b64(public)})
+    ephemeral = base64.b64decode((await companion.frame("challenge"))["ephemeral"])
+    shared = noise.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+    jid = f"{phone.removeprefix('+')}:{device}@s.whatsapp.net"
+    await companion.ws.send_json({"type": "proof", "mac": b64(proof(shared, ephemeral, jid))})
+    return companion
+
+
+async def test_registering_a_device_linked_elsewhere() -> None:
+    async with sandbox(first_device=11) as box:
+        noise_public = x25519_pair()[1]
+        status, body = await register(box, 47, noise_public)
+        assert status == 201, body
+        assert body == {"jid": "4915110000001:47@s.whatsapp.net", "deviceId": 47}
+        view = await box.devices()
+        (linked,) = view["linked"]
+        assert (linked["deviceId"], linked["jid"], linked["live"]) == (47, body["jid"], 0)
+        assert linked["noiseKey"] == b64(noise_public)
+        assert view["nextDevice"] == 48  # numbers grow above the registered device
+        assert box.simulator.counters["registered"] == 1
+
+        status, answer = await register(box, 47, x25519_pair()[1])
+        assert status == 409, answer
+        assert "device 47 of +4915110000001 is already linked" in answer
+        status, answer = await register(box, 12, x25519_pair()[1])  # below nextDevice, but free
+        assert status == 201, answer
+        assert (await box.devices())["nextDevice"] == 48
+
+        # A QR link afterwards gets the next number; its number cannot be registered again either.
+        device = await box.companion()
+        qr = await device.frame("qr")
+        status, scanned = await box.call("POST", f"/v1/phones/{PHONE}/scan", {"code": qr["code"]})
+        assert status == 200, scanned
+        assert scanned["deviceId"] == 48
+        status, answer = await register(box, 48, x25519_pair()[1])
+        assert status == 409, answer
+        view = await box.devices()
+        assert [(d["deviceId"], d["noiseKey"] is not None) for d in view["linked"]] == [
+            (12, True),
+            (47, True),
+            (48, False),
+        ]
+        await device.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "raw", "said"),
+    [
+        ({"device": 0, "noiseKey": "K", "identityKey": "K"}, None, "0 is the phone itself"),
+        ({"device": -3, "noiseKey": "K", "identityKey": "K"}, None, "device must be an integer"),
+        ({"device": True, "noiseKey": "K", "identityKey": "K"}, None, "device must be an integer"),
+        ({"device": "47", "noiseKey": "K", "identityKey": "K"}, None, "device must be an integer"),
+        ({"device": 70000, "noiseKey": "K", "identityKey": "K"}, None, "from 1 to 65535"),
+        ({"noiseKey": "K", "identityKey": "K"}, None, "device must be an integer"),
+        ({"device": 47, "identityKey": "K"}, None, "noiseKey must be a 32-byte X25519 public key"),
+        ({"device": 47, "noiseKey": "not base64!", "identityKey": "K"}, None, "noiseKey must be"),
+        ({"device": 47, "noiseKey": "S" * 43, "identityKey": "K"}, None, "noiseKey must be"),  # 31 bytes
+        ({"device": 47, "noiseKey": "K", "identityKey": b64(b"\x05" + bytes(32))}, None, "identityKey must be"),
+        ({"device": 47, "noiseKey": "K", "identityKey": 32}, None, "identityKey must be"),
+        (None, "{not json", "body must be JSON"),
+        (None, "[47]", "body must be a JSON object"),
+    ],
+)
+async def test_bad_registrations_are_400(body: Any, raw: str | None, said: str) -> None:
+    key = b64(x25519_pair()[1])
+    if isinstance(body, dict):
+        body = {name: key if value == "K" else value for name, value in body.items()}
+    async with sandbox() as box:
+        status, answer = await box.call("POST", f"/v1/phones/{PHONE}/devices", body, raw)
+        assert status == 400, answer
+        assert said in answer, answer
+        assert PHONE not in box.simulator.accounts or not box.simulator.accounts[PHONE].devices
+        assert box.simulator.counters["registered"] == 0
+
+
+async def test_a_registered_device_logs_in_by_its_keys_and_a_second_socket_replaces_the_first() -> None:
+    async with sandbox() as box:
+        noise_private, noise_public = x25519_pair()
+        assert (await register(box, 47, noise_public))[0] == 201
+        jid = "4915110000001:47@s.whatsapp.net"
+
+        first = await key_login(box, 47, noise_private)
+        connected = await first.frame("connected")
+        assert connected["jid"] == jid
+        assert box.simulator.live[jid] == 1
+        assert (await box.devices())["linked"][0]["live"] == 1
+
+        second = await key_login(box, 47, noise_private)
+        assert (await second.frame("connected"))["jid"] == jid
+        await first.frame("stream_replaced")  # the older socket is told and closed, as with a token
+
+        async def one_live() -> bool:
+            return box.simulator.live[jid] == 1 and len(box.simulator.sockets) == 1
+
+        await until(one_live, within=5, what="one live socket of device 47")
+        assert box.simulator.max_live[jid] == 1
+        counters = box.simulator.counters
+        assert (counters["logins"], counters["logins_by_key"], counters["stream_replaced"]) == (2, 2, 1)
+        assert counters["logins_refused"] == 0
+        assert counters["links"] == counters["qr_codes"] == 0  # never paired
+        await second.close()
+
+
+async def test_key_logins_are_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "PROOF_TIMEOUT", 0.3)
+    async with sandbox() as box:
+        noise_private, noise_public = x25519_pair()
+        assert (await register(box, 47, noise_public))[0] == 201
+        other_private, other_public = x25519_pair()
+
+        async def refused(companion: Companion, said: str) -> None:
+            """The next frame (after the challenge, if one was already read) is the refusal."""
+            frame = await companion.ws.receive_json(timeout=5)
+            assert frame["type"] == "logged_out", frame
+            assert frame["reason"] == 401
+            assert said in frame["message"], frame
+            await companion.close()
+
+        # Unknown device and another noise key: refused before any challenge.
+        unknown = await box.companion(credentials={"device": 48, "noiseKey": b64(noise_public)})
+        await refused(unknown, "device 48 is not linked to +4915110000001")
+        another_key = await box.companion(credentials={"device": 47, "noiseKey": b64(other_public)})
+        await refused(another_key, "the noise key presented is not the one registered for device 47")
+        # The registered public key, without its private half: the proof is wrong.
+        impostor = await box.companion(credentials={"device": 47, "noiseKey": b64(noise_public)})
+        ephemeral = base64.b64decode((await impostor.frame("challenge"))["ephemeral"])
+        guessed = X25519PrivateKey.from_private_bytes(other_private).exchange(
+            X25519PublicKey.from_public_bytes(ephemeral)
+        )
+        await impostor.ws.send_json(
+            {"type": "proof", "mac": b64(proof(guessed, ephemeral, "4915110000001:47@s.whatsapp.net"))}
+        )
+        await refused(impostor, "wrong proof")
+        garbled = await box.companion(credentials={"device": 47, "noiseKey": b64(noise_public)})
+        await garbled.frame("challenge")
+        await garbled.ws.send_json({"type": "proof", "mac": "not base64!"})
+        await refused(garbled, "wrong proof")
+        silent = await box.companion(credentials={"device": 47, "noiseKey": b64(noise_public)})
+        await silent.frame("challenge")
+        await refused(silent, "no proof of the noise key within 0.3s")
+        # A registered device has no token; a device linked with a token has no noise key.
+        await refused(await box.companion(credentials={"device": 47, "token": None}), "device is not linked")
+        await refused(await box.companion(credentials={"device": 47, "token": ""}), "device is not linked")
+        pairing = await box.companion()
+        qr = await pairing.frame("qr")
+        assert (await box.call("POST", f"/v1/phones/{PHONE}/scan", {"code": qr["code"]}))[0] == 200
+        linked = await pairing.frame("paired")
+        await pairing.frame("connected")
+        token_device = {"device": linked["credentials"]["device"], "noiseKey": b64(noise_public)}
+        await refused(await box.companion(credentials=token_device), "was linked here with a token")
+
+        counters = box.simulator.counters
+        assert counters["logins_refused"] == 8
+        assert counters["logins_by_key"] == 0
+        assert box.simulator.live["4915110000001:47@s.whatsapp.net"] == 0
+        survivor = await key_login(box, 47, noise_private)  # the refusals forgot nothing
+        assert (await survivor.frame("connected"))["jid"] == "4915110000001:47@s.whatsapp.net"
+        await survivor.close()
+        await pairing.close()
+
+
+async def test_the_transport_logs_an_imported_store_in_by_keys(tmp_path: Path) -> None:
+    async with sandbox(first_device=11) as box:
+        creds = baileys_creds(f"{IMPORTED}.0:47@s.whatsapp.net")
+        row = device_row(creds, IMPORTED)
+        write_store(row, tmp_path / "store")
+        noise_public = public_key(creds["_private"]["noise"])
+        assert (await register(box, 47, noise_public, f"+{IMPORTED}"))[0] == 201
+        jid = f"{IMPORTED}:47@s.whatsapp.net"
+
+        transport = box.transport(tmp_path, f"+{IMPORTED}")
+        assert transport.stored_jid() == jid  # the runtime connects instead of pairing
+        await transport.start()
+        assert (await next_event(transport, Connected)).jid == jid
+        assert box.simulator.counters["logins_by_key"] == 1
+        assert box.simulator.counters["qr_codes"] == 0
+        await transport.stop()
+        assert not (tmp_path / "store" / "simulator-credentials.json").exists()  # the store stays the import
+
+        await transport.unlink()  # a deleted session logs its device out by keys too
+        view = await box.devices(f"+{IMPORTED}")
+        assert view["linked"] == []
+        assert [(u["deviceId"], u["by"]) for u in view["unlinked"]] == [(47, "companion")]
+
+
+async def test_a_refused_key_login_forgets_the_imported_device_and_pairs_again(tmp_path: Path) -> None:
+    async with sandbox(first_device=11) as box:
+        creds = baileys_creds(f"{IMPORTED}.0:47@s.whatsapp.net")
+        write_store(device_row(creds, IMPORTED), tmp_path / "store")
+        assert (await register(box, 47, x25519_pair()[1], f"+{IMPORTED}"))[0] == 201  # WhatsApp knows another key
+
+        transport = box.transport(tmp_path, f"+{IMPORTED}")
+        await transport.start()
+        ended = await next_event(transport, LoggedOut)
+        assert "the noise key presented is not the one registered for device 47" in ended.reason
+        await transport.stop()
+        # As whatsmeow deletes its device on a 401: the row is gone, the session pairs afresh.
+        assert read_row(tmp_path / "store" / STORE_FILE) is None
+        again = box.transport(tmp_path, f"+{IMPORTED}")
+        assert again.stored_jid() is None
+        await again.start()
+        await next_event(again, QrCode)
+        await again.stop()

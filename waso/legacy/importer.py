@@ -23,7 +23,7 @@ public ones with ``keys.NewKeyPairFromPrivateKey``):
 - ``platform``: ``platform``; ``push_name``: ``me.name``; ``business_name`` stays empty.
 
 Every public key Baileys stored must be the X25519 public key of its private key (RFC 7748,
-computed here), so keys copied from two different devices are refused.
+computed with ``cryptography``), so keys copied from two different devices are refused.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from waso.api.jid import parse_jid
 from waso.legacy.creds import MAX_CREDS_BYTES, decode_buffer, decode_bytes, judge_identity, parse_creds, quote
@@ -106,40 +109,10 @@ COLUMNS = (
 )
 
 
-# X25519 (RFC 7748, section 5): the public key of a Curve25519 private key.
-_P = 2**255 - 19
-_A24 = 121665
-
-
-def x25519(scalar: bytes, u: bytes) -> bytes:
-    """RFC 7748 X25519: the scalar (clamped) times the point with u-coordinate ``u``."""
-    k = bytearray(scalar)
-    k[0] &= 248
-    k[31] &= 127
-    k[31] |= 64
-    n = int.from_bytes(k, "little")
-    x1 = int.from_bytes(u, "little") & ((1 << 255) - 1)
-    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
-    for t in reversed(range(255)):
-        bit = (n >> t) & 1
-        swap ^= bit
-        if swap:
-            x2, x3, z2, z3 = x3, x2, z3, z2
-        swap = bit
-        a, b = (x2 + z2) % _P, (x2 - z2) % _P
-        aa, bb = a * a % _P, b * b % _P
-        e = (aa - bb) % _P
-        c, d = (x3 + z3) % _P, (x3 - z3) % _P
-        da, cb = d * a % _P, c * b % _P
-        x3, z3 = (da + cb) ** 2 % _P, x1 * (da - cb) ** 2 % _P
-        x2, z2 = aa * bb % _P, e * (aa + _A24 * e) % _P
-    if swap:
-        x2, z2 = x3, z3
-    return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
-
-
 def public_key(private: bytes) -> bytes:
-    return x25519(private, (9).to_bytes(32, "little"))
+    """The X25519 public key (RFC 7748) of a 32-byte Curve25519 private key."""
+    key = X25519PrivateKey.from_private_bytes(private)
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 class _Reader:

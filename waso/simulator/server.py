@@ -7,6 +7,20 @@ request) until the phone side links the device; with credentials it logs the dev
 in. The phone side and fault injection are plain HTTP calls, which is how tests and
 ``make demo`` drive it.
 
+Credentials come in two kinds. A device the simulator linked itself presents the token it
+was given then: ``{"device": n, "token": "..."}``. A device linked earlier by another client
+(a Baileys session imported with ``waso legacy import``) is registered on the phone's side
+with its public keys, as WhatsApp's servers know the noise and identity public keys of every
+linked device (``POST /v1/phones/{phone}/devices``), and logs in by proving that it holds the
+noise key's private half, a small model of the static-key step of WhatsApp's Noise handshake:
+it says ``{"device": n, "noiseKey": "<base64 X25519 public key>"}``; if that is the key
+registered for the device, the simulator sends ``{"type": "challenge", "ephemeral": "<base64
+X25519 public key>"}`` of a fresh ephemeral key and the device answers ``{"type": "proof",
+"mac": "<base64 HMAC-SHA256>"}`` keyed with X25519(noise private, ephemeral public) over the
+ephemeral public key followed by the device's JID (``user:device@s.whatsapp.net``). An
+unknown device, another noise key, a wrong proof or none within ``PROOF_TIMEOUT`` seconds are
+refused like a forgotten token: ``logged_out`` 401, with a message saying which.
+
 Like the real service it assigns device numbers per account, growing with every new
 link (so above 10 too), replaces an older socket of the same device with
 ``stream_replaced``, forgets a logged-out device, and refuses a banned account until
@@ -23,7 +37,11 @@ code comes first claims it (synchronously, before any await) and the others are 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
+import hmac
 import itertools
 import logging
 import math
@@ -35,19 +53,29 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 log = logging.getLogger("waso.simulator")
 
 FAULTS = ("drop", "logout", "stream_replaced", "ban", "identity_mismatch")
 MAX_BAN_SECONDS = 30 * 24 * 3600
 _PAIR_ALPHABET = "ABCDEFGHJKLMNPQRSTVWXYZ23456789"
+PROOF_TIMEOUT = 10.0
+"""Seconds a device logging in by keys has to answer the challenge."""
+MAX_DEVICE = 2**16 - 1
+"""whatsmeow keeps a JID's device number in 16 bits."""
 
 
 @dataclass
 class Device:
     device_id: int
-    token: str
+    token: str | None
+    """What a device linked here presents; None for a device registered with its keys (it has no token)."""
     linked_at: float = field(default_factory=time.time)
+    noise_key: bytes | None = None
+    """The X25519 public noise key of a device registered with its keys."""
+    identity_key: bytes | None = None
 
     def jid(self, phone: str) -> str:
         return f"{phone.removeprefix('+')}:{self.device_id}@s.whatsapp.net"
@@ -75,6 +103,13 @@ class Account:
         device = Device(self.next_device, secrets.token_hex(16))
         self.devices[device.device_id] = device
         self.next_device += 1
+        return device
+
+    def register(self, device_id: int, noise_key: bytes, identity_key: bytes) -> Device:
+        """A device linked earlier by another client, known by its public keys; later links get higher numbers."""
+        device = Device(device_id, None, noise_key=noise_key, identity_key=identity_key)
+        self.devices[device_id] = device
+        self.next_device = max(self.next_device, device_id + 1)
         return device
 
     def unlink(self, device: Device, by: str) -> None:
@@ -158,13 +193,51 @@ class Simulator:
             device = account.devices.get(int(credentials.get("device", -1)))
         except (TypeError, ValueError):
             device = None
-        if device is None or device.token != credentials.get("token"):
-            self.counters["logins_refused"] += 1
-            await conn.ws.send_json({"type": "logged_out", "reason": 401, "message": "device is not linked"})
-            await conn.ws.close()
-            return False
+        by_key = "token" not in credentials and "noiseKey" in credentials
+        if device is None:
+            unknown = f"device {credentials.get('device')!r} is not linked to {account.phone}"
+            return await self._refuse(conn, unknown if by_key else "device is not linked")
+        if by_key:
+            refusal = await self._prove(conn, account, device, credentials)
+            if refusal is not None:
+                return await self._refuse(conn, refusal)
+            self.counters["logins_by_key"] += 1
+        elif device.token is None or device.token != credentials.get("token"):
+            return await self._refuse(conn, "device is not linked")
         await self._go_live(conn, account, device)
         return True
+
+    async def _prove(self, conn: Socket, account: Account, device: Device, credentials: dict[str, Any]) -> str | None:
+        """Challenge a device logging in by keys; None when it proved it holds its registered noise key."""
+        if device.noise_key is None:
+            return f"device {device.device_id} was linked here with a token; it has no registered noise key"
+        if _key(credentials.get("noiseKey")) != device.noise_key:
+            return f"the noise key presented is not the one registered for device {device.device_id}"
+        ephemeral = X25519PrivateKey.generate()
+        ephemeral_public = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        await conn.ws.send_json({"type": "challenge", "ephemeral": _b64(ephemeral_public)})
+        try:
+            answer = await conn.ws.receive_json(timeout=PROOF_TIMEOUT)
+        except TimeoutError:
+            return f"no proof of the noise key within {PROOF_TIMEOUT:g}s"
+        except (TypeError, ValueError):  # closed, or not a JSON text frame
+            answer = None
+        mac = _decode(answer.get("mac")) if isinstance(answer, dict) and answer.get("type") == "proof" else None
+        try:
+            shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(device.noise_key))
+        except ValueError:  # a low-order point was registered: nobody can prove it
+            shared = None
+        jid = device.jid(account.phone)
+        if mac is None or shared is None or not hmac.compare_digest(mac, proof(shared, ephemeral_public, jid)):
+            return f"wrong proof: the device does not hold the private noise key registered for {jid}"
+        return None
+
+    async def _refuse(self, conn: Socket, message: str) -> bool:
+        self.counters["logins_refused"] += 1
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await conn.ws.send_json({"type": "logged_out", "reason": 401, "message": message})
+            await conn.ws.close()
+        return False
 
     async def _go_live(self, conn: Socket, account: Account, device: Device) -> None:
         jid = device.jid(account.phone)
@@ -309,6 +382,26 @@ class Simulator:
             raise web.HTTPConflict(text=f"the device of {phone} was linked or went away meanwhile")
         return web.json_response({"jid": device.jid(phone), "deviceId": device.device_id})
 
+    async def register(self, request: web.Request) -> web.Response:
+        """The phone knows a device linked by another client: its number and public noise and identity keys."""
+        phone = request.match_info["phone"]
+        body = await _json(request)
+        number = body.get("device")
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 < number <= MAX_DEVICE:
+            raise web.HTTPBadRequest(text=f"device must be an integer from 1 to {MAX_DEVICE} (0 is the phone itself)")
+        keys: dict[str, bytes] = {}
+        for name in ("noiseKey", "identityKey"):
+            key = _key(body.get(name))
+            if key is None:
+                raise web.HTTPBadRequest(text=f"{name} must be a 32-byte X25519 public key in base64")
+            keys[name] = key
+        account = self.account(phone)
+        if number in account.devices:
+            raise web.HTTPConflict(text=f"device {number} of {phone} is already linked")
+        device = account.register(number, keys["noiseKey"], keys["identityKey"])
+        self.counters["registered"] += 1
+        return web.json_response({"jid": device.jid(phone), "deviceId": device.device_id}, status=201)
+
     async def inbound(self, request: web.Request) -> web.Response:
         phone = request.match_info["phone"]
         body = await _json(request)
@@ -402,6 +495,7 @@ class Simulator:
                         "jid": d.jid(phone),
                         "linkedAt": d.linked_at,
                         "live": self.live.get(d.jid(phone), 0),
+                        "noiseKey": _b64(d.noise_key) if d.noise_key is not None else None,
                     }
                     for d in sorted(account.devices.values(), key=lambda d: d.device_id)
                 ],
@@ -433,6 +527,7 @@ class Simulator:
                 web.post("/v1/phones/{phone}/inbound", self.inbound),
                 web.post("/v1/phones/{phone}/faults", self.fault),
                 web.get("/v1/phones/{phone}/devices", self.devices),
+                web.post("/v1/phones/{phone}/devices", self.register),
                 web.get("/v1/messages", self.messages),
                 web.get("/v1/stats", self.stats),
                 web.get("/healthz", self.healthz),
@@ -444,6 +539,31 @@ class Simulator:
 def _banned_frame(account: Account) -> dict[str, Any]:
     """``until``: the ban's expiry in epoch seconds (what the runtime reports); ``expiresIn``: seconds left."""
     return {"type": "banned", "until": account.banned_until, "expiresIn": round(account.ban_remaining(), 3)}
+
+
+def proof(shared: bytes, ephemeral_public: bytes, jid: str) -> bytes:
+    """What a device logging in by keys answers: HMAC-SHA256 keyed with the X25519 secret, over ephemeral + JID."""
+    return hmac.new(shared, ephemeral_public + jid.encode(), hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _decode(value: object) -> bytes | None:
+    """Strict base64 text as bytes; None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _key(value: object) -> bytes | None:
+    """A 32-byte X25519 public key from base64 text; None when it is not one."""
+    key = _decode(value)
+    return key if key is not None and len(key) == 32 else None
 
 
 def _iso(epoch: float) -> str:
