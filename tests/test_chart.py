@@ -23,7 +23,7 @@ from tests.operator_support import Tenants, create_session, wait_admission
 from tests.runtime_support import spawn_waso
 from tests.support import BIN, kubectl, wait_for
 from waso.api.quota import TenantQuotaSpec
-from waso.operator.config import OperatorConfig, RepairSettings, load_config
+from waso.operator.config import EvictionSettings, OperatorConfig, RepairSettings, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts/waso"
@@ -140,6 +140,7 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
             "cleanupTimeoutSeconds": 60,
             "writeConcurrency": 4,
             "repair": {"maxInFlight": 5, "keepBackups": 2},
+            "eviction": {"minIdleSeconds": 120, "order": "LeastRecentlyActive"},
         },
     }
     expected: dict[str, Any] = {
@@ -158,6 +159,7 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
         "cleanup_timeout_seconds": 60,
         "write_concurrency": 4,
         "repair": RepairSettings(max_in_flight=5, keep_backups=2),
+        "eviction": EvictionSettings(min_idle_seconds=120, order="LeastRecentlyActive"),
     }
     assert set(expected) == set(OperatorConfig.model_fields), "a new setting needs a value here"
     defaults = OperatorConfig.model_construct()

@@ -37,6 +37,8 @@ class ConditionType(StrEnum):
     """Abnormal-true: work towards the desired state is in progress."""
     STALLED = "Stalled"
     """Abnormal-true: progress is impossible without a human (or a spec change)."""
+    PARKED = "Parked"
+    """Abnormal-true: stopped with credentials kept (evicted or suspended); says when it was parked too long."""
     CONFLICT = "Conflict"
     """TenantQuota only: another quota in the namespace is older and is the one honoured."""
 
@@ -57,6 +59,8 @@ class Reason(StrEnum):
     """Stopped under capacity pressure with credentials kept; resumes when room appears."""
     PENDING = "Pending"
     """Not decided yet."""
+    PARKED_TOO_LONG = "ParkedTooLong"
+    """Parked longer than the flag age: WhatsApp may soon unlink the device (a new scan would be needed)."""
     DELETING = "Deleting"
     """Being deleted: the runtime unlinks the device and erases the credentials; no slot is held."""
     # Runtime-derived

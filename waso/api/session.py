@@ -15,6 +15,10 @@ REPAIR_ANNOTATION = "waso.dev/repair"
 """Set to a new value (``waso repair`` writes the time) to ask for a repair of the session."""
 ROLLBACK_ANNOTATION = "waso.dev/rollback"
 """``<backup id or latest>#<token>`` (``waso repair rollback`` writes it) to restore a backup."""
+EVICT_ANNOTATION = "waso.dev/evict"
+"""Set to a new value (``waso evict`` writes the time) to park the session until a person resumes it."""
+RESUME_ANNOTATION = "waso.dev/resume"
+"""Set to a new value (``waso resume`` writes the time) to bring an evicted session back now."""
 CLEANUP_FINALIZER = "waso.dev/credentials"
 """Held while a session's credentials may exist, so that deleting it unlinks the device first."""
 
@@ -150,6 +154,32 @@ class RepairStatus(ApiModel):
     """The last rollback request (annotation waso.dev/rollback) the operator acted on."""
 
 
+class EvictionReason(StrEnum):
+    CAPACITY_PRESSURE = "CapacityPressure"
+    """A waiting session needed a slot under the global cap."""
+    QUOTA_PRESSURE = "QuotaPressure"
+    """A waiting session of the same tenant needed a slot under the tenant's maxSessions."""
+    MANUAL = "Manual"
+    """A person asked (``waso evict``, annotation waso.dev/evict); only a person resumes it."""
+
+
+class EvictionStatus(ApiModel):
+    """Evictions of this session: stopped with its credentials kept, to make room."""
+
+    count: int = Field(default=0, ge=0)
+    """Evictions since creation."""
+    last_reason: EvictionReason | None = None
+    """Why the last eviction happened."""
+    slot_taken_by: str | None = Field(default=None, max_length=317)
+    """The session (namespace/name) that took the slot at the last eviction."""
+    idle_since: Timestamp | None = None
+    """The session's last activity (or connection) before the last eviction."""
+    handled_evict: str | None = Field(default=None, max_length=253)
+    """The last eviction request (annotation waso.dev/evict) the operator acted on."""
+    handled_resume: str | None = Field(default=None, max_length=253)
+    """The last resume request (annotation waso.dev/resume) the operator acted on."""
+
+
 class RepairReport(ApiModel):
     """What the runtime did for a repair (or rollback) request."""
 
@@ -210,6 +240,8 @@ class WhatsAppSessionStatus(ApiModel):
     """When the session last got its admission slot."""
     evicted_at: Timestamp | None = None
     """When the session was last evicted under pressure."""
+    eviction: EvictionStatus | None = None
+    """Eviction history and the requests of people the operator acted on."""
     repairs: RepairStatus | None = None
     """Repair history."""
     runtime: RuntimeStatus | None = None

@@ -7,11 +7,11 @@ simultaneous creates against a cap of 35 admit exactly 35.
 
 Rules, in order:
 
-1. A session being deleted or with ``suspend: true`` holds no slot.
+1. A session being deleted, with ``suspend: true`` or evicted by a person holds no slot.
 2. Per phone number, the oldest session (creationTimestamp, then namespace/name) wins;
    the others wait with ``PhoneNumberConflict``.
 3. Admission is sticky: a session admitted before keeps its slot, even if the cap or
-   its quota was lowered since (evicting is a separate, explicit decision).
+   its quota was lowered since (evicting is a separate decision: ``waso.operator.eviction``).
 4. Waiting sessions are admitted in queue order (priority, then age) while both the
    global cap and their tenant's ``maxSessions`` have room; a tenant at its quota does
    not block other tenants behind it.
@@ -20,7 +20,7 @@ Rules, in order:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from waso.api.conditions import Reason
@@ -43,11 +43,13 @@ def plan_admission(
     admitted_now: Mapping[str, bool],
     tenant_limits: Mapping[str, int],
     global_cap: int,
+    held_out: Collection[str] = (),
 ) -> dict[str, Verdict]:
     """Verdict per session uid.
 
     ``admitted_now`` is the effective current state by uid (observed or already decided);
-    ``tenant_limits`` gives each namespace's maxSessions.
+    ``tenant_limits`` gives each namespace's maxSessions; ``held_out`` are sessions a person
+    evicted, which hold no slot and do not queue (``waso.operator.eviction``).
     """
     live = [s for s in sessions if not s.deleting]
     verdicts: dict[str, Verdict] = {}
@@ -71,6 +73,8 @@ def plan_admission(
             verdicts[session.uid] = Verdict(
                 False, Reason.SUSPENDED, "spec.suspend is true: stopped, credentials kept, no slot held"
             )
+        elif session.uid in held_out:
+            verdicts[session.uid] = Verdict(False, Reason.EVICTED, "evicted on request; `waso resume` brings it back")
         else:
             contenders.append(session)
 

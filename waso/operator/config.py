@@ -49,6 +49,24 @@ class RepairSettings(BaseModel):
     """Credential-store backups kept per session."""
 
 
+class EvictionSettings(BaseModel):
+    """Eviction of idle sessions when others wait for capacity or quota (credentials kept)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True
+    )
+
+    enabled: bool = True
+    """Evict idle sessions for waiting ones (evictions a person asks for always run)."""
+    min_idle_seconds: float = Field(default=900.0, ge=0, le=2_592_000)
+    """A session active (message, connection, admission) more recently than this is never evicted."""
+    order: Literal["PriorityThenLeastRecentlyActive", "LeastRecentlyActive"] = "PriorityThenLeastRecentlyActive"
+    """Which idle session goes first; never one of higher priority than the session waiting."""
+    flag_parked_after_seconds: float = Field(default=1_209_600.0, gt=0, le=31_536_000)
+    """A session parked (evicted or suspended) longer than this is flagged: WhatsApp logs out a device
+    whose phone went unused for 14 days and unlinks one offline for 30 days."""
+
+
 class OperatorConfig(BaseSettings):
     """Settings of one operator deployment."""
 
@@ -91,6 +109,8 @@ class OperatorConfig(BaseSettings):
     """Status writes in flight at once."""
     repair: RepairSettings = RepairSettings()
     """Automatic repair of broken device identities."""
+    eviction: EvictionSettings = EvictionSettings()
+    """Eviction of idle sessions under capacity or quota pressure."""
 
     def model_post_init(self, context: object) -> None:
         if self.transport == "simulator" and not self.simulator_url:

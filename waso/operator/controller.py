@@ -34,10 +34,11 @@ from waso.api.tenancy import SHARD_LABEL, QuotaFacts, honoured_quota
 from waso.kube import ApiError, KubeClient, reference
 from waso.logs import about
 from waso.operator import metrics
-from waso.operator.admission import Verdict, plan_admission
+from waso.operator.admission import Verdict
 from waso.operator.cleanup import Release, release_finalizer, wants_finalizer
 from waso.operator.config import OperatorConfig
 from waso.operator.events import lifecycle_events
+from waso.operator.eviction import EvictionPolicy, admit
 from waso.operator.health import device_health
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.repair import (
@@ -51,7 +52,7 @@ from waso.operator.repair import (
     settle,
 )
 from waso.operator.resources import tenant_objects
-from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part
+from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part, parked_since
 from waso.operator.world import PodFacts, SessionFacts
 from waso.status_writer import Outcome, StatusWriter
 
@@ -116,6 +117,13 @@ class Controller:
         self._writes = asyncio.Semaphore(config.write_concurrency)
         self.passes = 0
         metrics.CAPACITY.set(config.max_sessions)
+        settings = config.eviction
+        self._eviction = EvictionPolicy(
+            enabled=settings.enabled,
+            min_idle=timedelta(seconds=settings.min_idle_seconds),
+            order=settings.order,
+            flag_parked_after=timedelta(seconds=settings.flag_parked_after_seconds),
+        )
 
     def attach(
         self,
@@ -176,7 +184,16 @@ class Controller:
         pods = {(p.namespace, p.shard): p for facts in list(self.pods.values()) for p in facts}
         limits = {ns: self._quota_spec(honoured.get(ns)).max_sessions for ns in namespaces}
 
-        verdicts = plan_admission(sessions, {s.uid: s.admitted for s in sessions}, limits, self.config.max_sessions)
+        admission = admit(
+            sessions, {s.uid: s.admitted for s in sessions}, limits, self.config.max_sessions, self._eviction, now
+        )
+        verdicts = admission.verdicts
+        for eviction in admission.evictions:
+            victim, beneficiary = eviction.victim, eviction.beneficiary
+            log.info(
+                "evicted (%s, idle since %s) for %s", eviction.reason, format_timestamp(eviction.idle_since),
+                beneficiary.key, extra=about(victim.namespace, victim.name),
+            )  # fmt: skip
         running = {uid: v.admitted for uid, v in verdicts.items()}
         # A deleted session's shard runs until its runtime has unlinked the device (suspended or not).
         served = {**running, **{s.uid: True for s in sessions if _awaits_erasure(s)}}
@@ -200,6 +217,8 @@ class Controller:
         tally: Counter[tuple[str, ...]] = Counter()
         unhealthy: Counter[tuple[str, ...]] = Counter()
         devices: Counter[tuple[str, ...]] = Counter()
+        parked: Counter[tuple[str, ...]] = Counter()
+        parked_oldest: dict[tuple[str, ...], float] = {}
         timeout = timedelta(seconds=self.config.cleanup_timeout_seconds)
         for session in sessions:
             if session.deleting:
@@ -226,6 +245,8 @@ class Controller:
                 repairs.get(session.uid),
                 repair_plan.stalled.get(session.uid),
                 repair_plan.waiting.get(session.uid),
+                admission.records.get(session.uid),
+                self._eviction.flag_parked_after,
             )
             tally[(session.namespace, desired.phase.value if desired.phase else "")] += 1
             healthy = find_condition(desired.conditions, ConditionType.DEVICE_HEALTHY)
@@ -234,6 +255,11 @@ class Controller:
             runtime = session.runtime
             if runtime is not None and runtime.state == RuntimeState.CONNECTED and runtime.device_id is not None:
                 devices[(metrics.device_range(runtime.device_id),)] += 1
+            since = parked_since(desired.conditions)
+            if since is not None:
+                parked[(session.namespace, verdicts[session.uid].reason.value)] += 1
+                age = (now - since).total_seconds()
+                parked_oldest[(session.namespace,)] = max(parked_oldest.get((session.namespace,), 0.0), age)
             if desired != operator_part(session.status) or shard != session.shard or wants_finalizer(session, shard):
                 session_writes.append(self._write_session(session, verdicts[session.uid], desired))
 
@@ -244,6 +270,8 @@ class Controller:
         metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, published before it is written
         metrics.publish(metrics.HEALTH_FAILURES, unhealthy)
         metrics.publish(metrics.DEVICE_NUMBERS, devices)
+        metrics.publish(metrics.PARKED, parked)
+        metrics.publish(metrics.PARKED_AGE, parked_oldest)
         metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
         # Independent writes: tenant workloads, session and quota statuses share the write budget.
         # A pass always waits for all its writes, so the next one never races a write still in flight.
@@ -368,7 +396,7 @@ class Controller:
             self.poke_later(1)
         if result.outcome != Outcome.WRITTEN:
             return
-        await self._announce(session, verdict, str(result.resource_version))
+        await self._announce(session, verdict, desired, str(result.resource_version))
         for event in lifecycle_events(session.namespace, session.status.conditions, desired.conditions):
             await self._event(session, event.reason, event.message, "Warning" if event.warning else "Normal", None)
 
@@ -388,14 +416,21 @@ class Controller:
         if release.warning:
             await self._event(session, "CredentialsNotErased", release.reason, "Warning", None)
 
-    async def _announce(self, session: SessionFacts, verdict: Verdict, resource_version: str) -> None:
-        """An Event when the admission decision changed, and the refusal counter."""
+    async def _announce(
+        self, session: SessionFacts, verdict: Verdict, desired: WhatsAppSessionStatus, resource_version: str
+    ) -> None:
+        """An Event when the admission decision changed, and the refusal, eviction and resumption counters."""
         before = find_condition(session.status.conditions, ConditionType.ADMITTED)
         if before is not None and before.reason == verdict.reason:
             return
         if verdict.reason in REFUSALS:
             metrics.REFUSALS.labels(session.namespace, verdict.reason.value).inc()
-        kind = "Warning" if verdict.reason in REFUSALS else "Normal"
+        eviction = desired.eviction.last_reason if desired.eviction else None
+        if verdict.reason == Reason.EVICTED and eviction is not None:
+            metrics.EVICTIONS.labels(session.namespace, eviction.value).inc()
+        elif verdict.admitted and before is not None and before.reason == Reason.EVICTED and eviction is not None:
+            metrics.RESUMPTIONS.labels(session.namespace, eviction.value).inc()
+        kind = "Warning" if verdict.reason in REFUSALS or verdict.reason == Reason.EVICTED else "Normal"
         await self._event(session, verdict.reason.value, verdict.message, kind, resource_version)
 
     async def _event(

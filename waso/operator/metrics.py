@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter as Tally
+from collections.abc import Mapping
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -25,12 +25,26 @@ DEVICE_NUMBERS = Gauge(
     "Connected sessions by the device number of their live JID (numbers above 10 are normal)",
     ["range"],
 )
+EVICTIONS = Counter(
+    "waso_evictions_total", "Sessions evicted, by tenant and reason (CapacityPressure, QuotaPressure, Manual)",
+    ["tenant", "reason"],
+)  # fmt: skip
+RESUMPTIONS = Counter(
+    "waso_resumptions_total", "Evicted sessions admitted again, by tenant and the reason of their eviction",
+    ["tenant", "reason"],
+)  # fmt: skip
+PARKED = Gauge(
+    "waso_sessions_parked", "Sessions parked (Evicted or Suspended), by tenant and reason", ["tenant", "reason"]
+)
+PARKED_AGE = Gauge(
+    "waso_sessions_parked_oldest_seconds", "How long the tenant's longest-parked session has been parked", ["tenant"]
+)
 DEVICE_RANGES = ((1, 10), (11, 20), (21, 50), (51, 100), (101, 9999))
 
 _published: dict[Gauge, set[tuple[str, ...]]] = {}
 
 
-def publish(gauge: Gauge, counts: Tally[tuple[str, ...]]) -> None:
+def publish(gauge: Gauge, counts: Mapping[tuple[str, ...], float]) -> None:
     """Set a labelled gauge to this pass's counts, dropping series that no longer exist."""
     seen = _published.setdefault(gauge, set())
     for labels in seen - set(counts):

@@ -7,7 +7,9 @@ nothing). ``status.runtime`` belongs to the session runtime and is only read her
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from waso.api.base import format_timestamp
 from waso.api.conditions import (
@@ -17,11 +19,12 @@ from waso.api.conditions import (
     Progress,
     Reason,
     find_condition,
+    remove_condition,
     set_condition,
     set_kstatus,
 )
 from waso.api.quota import QuotaAmounts, TenantQuotaStatus
-from waso.api.session import Phase, RepairStatus, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.api.session import EvictionStatus, Phase, RepairStatus, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
 from waso.api.tenancy import QuotaFacts
 from waso.operator.admission import Verdict
 from waso.operator.health import Health, device_health
@@ -100,6 +103,8 @@ def _summary(
         return "Reconciling", verdict.reason, verdict.message, Phase.DELETING
     if verdict.reason in _WAITING:
         return "Reconciling", verdict.reason, verdict.message, Phase.WAITING
+    if verdict.reason == Reason.EVICTED:
+        return "Reconciling", verdict.reason, verdict.message, Phase.EVICTED
     if pod is not None and pod.out_of_memory:  # does not heal by itself: a person raises the limit
         return "Stalled", Reason.OUT_OF_MEMORY, out_of_memory_message(pod), Phase.FAILED
     if repairs is not None and repairs.requested is not None:
@@ -148,6 +153,8 @@ def desired_status(
     repairs: RepairStatus | None = None,
     repair_stalled: str | None = None,
     repair_waiting: str | None = None,
+    eviction: Evicted | None = None,
+    flag_parked_after: timedelta = timedelta(days=14),
 ) -> WhatsAppSessionStatus:
     """The operator's part of the status (all but ``runtime``); ``pod`` is the session pod of ``shard``."""
     generation = facts.generation
@@ -160,6 +167,7 @@ def desired_status(
         conditions = set_condition(conditions, type_, status, reason, message, observed_generation=generation, now=now)
 
     put(ConditionType.ADMITTED, "True" if verdict.admitted else "False", verdict.reason, verdict.message)
+    conditions = _parked(conditions, verdict, generation, now, flag_parked_after)
     put(ConditionType.PAIRED, *_paired(runtime, find_condition(conditions, ConditionType.PAIRED)))
     put(ConditionType.CONNECTED, *_connected(runtime, pod))
     healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
@@ -182,7 +190,37 @@ def desired_status(
             "endpoint": runtime_endpoint(facts.namespace, facts.name, shard) if shard is not None else None,
             "admitted_at": admitted_at,
             "repairs": repairs,
+            "eviction": eviction.status if eviction is not None else facts.status.eviction,
+            "evicted_at": eviction.at if eviction is not None else facts.status.evicted_at,
         }
+    )
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """The eviction record to write with this pass's status."""
+
+    status: EvictionStatus
+    at: datetime | None
+
+
+def _parked(
+    conditions: tuple[Condition, ...], verdict: Verdict, generation: int, now: datetime, flag_after: timedelta
+) -> tuple[Condition, ...]:
+    """``Parked`` while evicted or suspended, since the Admitted condition turned so; flagged past ``flag_after``."""
+    if verdict.reason not in (Reason.EVICTED, Reason.SUSPENDED):
+        return remove_condition(conditions, ConditionType.PARKED)
+    since = parked_since(conditions) or now
+    reason, message = verdict.reason.value, f"parked since {format_timestamp(since)}; credentials kept"
+    if now - since >= flag_after:
+        reason = Reason.PARKED_TOO_LONG
+        message = (
+            f"parked since {format_timestamp(since)}, longer than {flag_after.days} days: WhatsApp logs out a "
+            "linked device whose phone went unused for 14 days and unlinks one offline for 30 days; "
+            "resume it, or expect a new scan"
+        )
+    return set_condition(
+        conditions, ConditionType.PARKED, "True", reason, message, observed_generation=generation, now=now
     )
 
 
@@ -228,3 +266,11 @@ def desired_quota_status(
         )
         hard = used = None
     return TenantQuotaStatus(hard=hard, used=used, conditions=conditions, observed_generation=generation)
+
+
+def parked_since(conditions: Iterable[Condition]) -> datetime | None:
+    """When the session stopped holding a slot by eviction or suspension (None while it is not parked)."""
+    admitted = find_condition(conditions, ConditionType.ADMITTED)
+    if admitted is None or admitted.reason not in (Reason.EVICTED, Reason.SUSPENDED):
+        return None
+    return admitted.last_transition_time

@@ -14,7 +14,9 @@ from typing import Any
 from waso.api.conditions import ConditionType, find_condition
 from waso.api.session import (
     CLEANUP_FINALIZER,
+    EVICT_ANNOTATION,
     REPAIR_ANNOTATION,
+    RESUME_ANNOTATION,
     ROLLBACK_ANNOTATION,
     RuntimeStatus,
     WhatsAppSession,
@@ -47,6 +49,10 @@ class SessionFacts:
     """The value of the annotation waso.dev/repair: a person asking for a repair."""
     rollback_request: str | None = None
     """The value of the annotation waso.dev/rollback: a person asking to restore a backup."""
+    evict_request: str | None = None
+    """The value of the annotation waso.dev/evict: a person asking to park the session."""
+    resume_request: str | None = None
+    """The value of the annotation waso.dev/resume: a person asking to bring an evicted session back."""
 
     @property
     def key(self) -> str:
@@ -94,6 +100,8 @@ def session_facts(body: Mapping[str, Any]) -> SessionFacts:
         status=status,
         repair_request=(meta.annotations or {}).get(REPAIR_ANNOTATION),
         rollback_request=(meta.annotations or {}).get(ROLLBACK_ANNOTATION),
+        evict_request=(meta.annotations or {}).get(EVICT_ANNOTATION),
+        resume_request=(meta.annotations or {}).get(RESUME_ANNOTATION),
     )
 
 

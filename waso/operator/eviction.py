@@ -1,0 +1,263 @@
+"""Eviction under pressure: idle sessions make room for waiting ones, credentials kept.
+
+Pure functions over the admission verdicts of one pass (``plan_admission``). When a session
+waits because its tenant's ``maxSessions`` or the global cap is reached, ``plan_evictions``
+picks, for each waiting session in queue order, one admitted session to stop in its place:
+
+- for quota pressure, one of the same tenant; for capacity pressure, one of any tenant;
+- never one of higher priority than the waiting session;
+- never one active within ``min_idle`` (its last activity, connection or admission);
+- lowest priority first, then least recently active (``order``), then namespace/name;
+- one per waiting session, and only when no slot is free: a swap keeps the number of
+  sessions running, so neither the cap nor a quota is ever exceeded, and a cap or quota
+  lowered below its use is left to shrink as sessions end rather than evicting several.
+
+Evicted sessions keep their credentials and their shard, and wait in the admission queue
+like refused ones; they resume (in queue order) when room returns, but never evict another
+session themselves: an idle session pushing out another idle one is churn. A session a
+person evicted (``waso evict``) stays parked until a person resumes it (``waso resume``);
+a resumed session is a claimant like a new one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from waso.api.base import format_timestamp
+from waso.api.conditions import ConditionType, Reason, find_condition
+from waso.api.session import EvictionReason, EvictionStatus
+from waso.operator.admission import ADMITTED, Verdict, plan_admission
+from waso.operator.status import Evicted
+from waso.operator.world import SessionFacts
+
+Order = Literal["PriorityThenLeastRecentlyActive", "LeastRecentlyActive"]
+PRESSURE = (Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class EvictionPolicy:
+    enabled: bool = True
+    min_idle: timedelta = timedelta(minutes=15)
+    order: Order = "PriorityThenLeastRecentlyActive"
+    flag_parked_after: timedelta = timedelta(days=14)
+
+
+@dataclass(frozen=True)
+class Eviction:
+    victim: SessionFacts
+    beneficiary: SessionFacts
+    reason: EvictionReason
+    idle_since: datetime
+
+
+@dataclass(frozen=True)
+class Requests:
+    """What people asked through the annotations, not yet acted on (uids)."""
+
+    evict: Mapping[str, str] = field(default_factory=dict)
+    """uid -> token of waso.dev/evict."""
+    resume: Mapping[str, str] = field(default_factory=dict)
+    """uid -> token of waso.dev/resume."""
+
+
+def idle_since(session: SessionFacts) -> datetime:
+    """The session's last sign of use: its last activity, connection or admission (else its creation)."""
+    runtime = session.runtime
+    moments = [session.created, session.status.admitted_at]
+    if runtime is not None:
+        moments += [runtime.last_activity_at, runtime.connected_at]
+    return max(moment for moment in moments if moment is not None)
+
+
+def is_evicted(session: SessionFacts) -> bool:
+    """Parked by an eviction (its Admitted condition says Evicted)."""
+    admitted = find_condition(session.status.conditions, ConditionType.ADMITTED)
+    return admitted is not None and admitted.reason == Reason.EVICTED
+
+
+def pending(annotation: str | None, handled: str | None) -> str | None:
+    """The annotation's token when a person set it and the operator has not acted on it yet."""
+    return annotation if annotation and annotation != handled else None
+
+
+def requests(sessions: Iterable[SessionFacts]) -> Requests:
+    evict: dict[str, str] = {}
+    resume: dict[str, str] = {}
+    for session in sessions:
+        handled = session.status.eviction or EvictionStatus()
+        if token := pending(session.evict_request, handled.handled_evict):
+            evict[session.uid] = token
+        if token := pending(session.resume_request, handled.handled_resume):
+            resume[session.uid] = token
+    return Requests(evict, resume)
+
+
+def held_by_people(sessions: Iterable[SessionFacts], asked: Requests) -> set[str]:
+    """Sessions parked by a person: evicted now on request, or evicted on request before and not resumed.
+
+    A resume asked together with an eviction wins: bringing a session back is the safer reading.
+    """
+    held = set(asked.evict)
+    for session in sessions:
+        last = session.status.eviction.last_reason if session.status.eviction else None
+        if is_evicted(session) and last == EvictionReason.MANUAL:
+            held.add(session.uid)
+    return held - set(asked.resume)
+
+
+def claimants(sessions: Iterable[SessionFacts], asked: Requests) -> set[str]:
+    """Sessions that may evict another: all but those parked by an eviction (unless a person resumed them)."""
+    return {s.uid for s in sessions if not is_evicted(s) or s.uid in asked.resume}
+
+
+def plan_evictions(
+    sessions: Iterable[SessionFacts],
+    verdicts: Mapping[str, Verdict],
+    tenant_limits: Mapping[str, int],
+    global_cap: int,
+    policy: EvictionPolicy,
+    now: datetime,
+    may_claim: Collection[str],
+) -> tuple[Eviction, ...]:
+    """The evictions that let waiting sessions in, in queue order; see the module's rules."""
+    if not policy.enabled:
+        return ()
+    live = [s for s in sessions if not s.deleting and s.uid in verdicts]
+    holders = [s for s in live if verdicts[s.uid].admitted]
+    used_total = len(holders)
+    used_by_tenant = Counter(s.namespace for s in holders)
+    idle = {s.uid: idle_since(s) for s in holders}
+    evictable = sorted(  # a session admitted in this very pass is not idle: it has not even started
+        (s for s in holders if s.admitted and now - idle[s.uid] >= policy.min_idle),
+        key=lambda s: _victim_order(s, idle[s.uid], policy.order),
+    )
+    waiting = sorted(
+        (s for s in live if verdicts[s.uid].reason in PRESSURE and s.uid in may_claim), key=lambda s: s.queue_order
+    )
+    taken: set[str] = set()
+    evictions: list[Eviction] = []
+    for claimant in waiting:
+        if used_total > global_cap:
+            break  # the cap was lowered below its use: let it shrink, a swap would keep it exceeded
+        limit = tenant_limits.get(claimant.namespace, 0)
+        quota_full = used_by_tenant[claimant.namespace] >= limit
+        if used_by_tenant[claimant.namespace] > limit:
+            continue  # the same for a quota lowered below its use
+        if not quota_full and used_total < global_cap:
+            continue  # room without evicting: admission's business (never the case right after it)
+        victim = next(
+            (
+                s
+                for s in evictable
+                if s.uid not in taken
+                and s.priority <= claimant.priority
+                and (not quota_full or s.namespace == claimant.namespace)
+            ),
+            None,
+        )
+        if victim is None:
+            continue
+        taken.add(victim.uid)
+        used_by_tenant[victim.namespace] -= 1
+        used_by_tenant[claimant.namespace] += 1
+        reason = EvictionReason.QUOTA_PRESSURE if quota_full else EvictionReason.CAPACITY_PRESSURE
+        evictions.append(Eviction(victim, claimant, reason, idle[victim.uid]))
+    return tuple(evictions)
+
+
+def _victim_order(session: SessionFacts, idle: datetime, order: Order) -> tuple[int, datetime, str, str]:
+    priority = session.priority if order == "PriorityThenLeastRecentlyActive" else 0
+    return (priority, idle, session.namespace, session.name)
+
+
+def evicted_status(before: EvictionStatus | None, eviction: Eviction) -> EvictionStatus:
+    before = before or EvictionStatus()
+    return before.model_copy(
+        update={
+            "count": before.count + 1,
+            "last_reason": eviction.reason,
+            "slot_taken_by": eviction.beneficiary.key,
+            "idle_since": eviction.idle_since,
+        }
+    )
+
+
+def parked_verdict(status: EvictionStatus, evicted_at: datetime | None) -> Verdict:
+    """The admission verdict of an evicted session; built from its status alone, so it reads the same every pass."""
+    when = f" at {format_timestamp(evicted_at)}" if evicted_at is not None else ""
+    if status.last_reason == EvictionReason.MANUAL:
+        message = f"evicted{when} on request; credentials kept; `waso resume` brings it back"
+    else:
+        idle = f", idle since {format_timestamp(status.idle_since)}" if status.idle_since is not None else ""
+        taker = f" for {status.slot_taken_by}" if status.slot_taken_by else ""
+        message = (
+            f"evicted{when} ({status.last_reason}{idle}){taker}; credentials kept; "
+            "resumes in queue order when room returns, or now with `waso resume`"
+        )
+    return Verdict(False, Reason.EVICTED, message)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One pass's admission with evictions: the verdicts, and the eviction records to write."""
+
+    verdicts: dict[str, Verdict]
+    records: dict[str, Evicted]
+    """uid -> the eviction status (and time) to write: new evictions and handled requests."""
+    evictions: tuple[Eviction, ...]
+
+
+def admit(
+    sessions: Sequence[SessionFacts],
+    admitted_now: Mapping[str, bool],
+    tenant_limits: Mapping[str, int],
+    global_cap: int,
+    policy: EvictionPolicy,
+    now: datetime,
+) -> Admission:
+    """Admission (``plan_admission``), then the evictions that let waiting sessions in, and the requests of people."""
+    asked = requests(sessions)
+    held = held_by_people(sessions, asked)
+    holding = {uid: admitted and uid not in held for uid, admitted in admitted_now.items()}
+    verdicts = plan_admission(sessions, holding, tenant_limits, global_cap, held)
+    evictions = plan_evictions(sessions, verdicts, tenant_limits, global_cap, policy, now, claimants(sessions, asked))
+
+    records: dict[str, Evicted] = {}
+    for eviction in evictions:
+        victim = eviction.victim
+        records[victim.uid] = Evicted(evicted_status(victim.status.eviction, eviction), now)
+        verdicts[eviction.beneficiary.uid] = ADMITTED
+    victims = {eviction.victim.uid for eviction in evictions}
+    for session in sessions:
+        uid = session.uid
+        if uid not in verdicts:
+            continue  # being deleted
+        before = session.status.eviction or EvictionStatus()
+        record = records.get(uid) or Evicted(before, session.status.evicted_at)
+        if uid in asked.evict:
+            handled = record.status.model_copy(update={"handled_evict": asked.evict[uid]})
+            if uid in held and not (is_evicted(session) and before.last_reason == EvictionReason.MANUAL):
+                handled = handled.model_copy(
+                    update={
+                        "count": before.count + 1,
+                        "last_reason": EvictionReason.MANUAL,
+                        "slot_taken_by": None,
+                        "idle_since": idle_since(session),
+                    }
+                )
+                record = Evicted(handled, now)
+            else:
+                record = Evicted(handled, record.at)
+        if uid in asked.resume:
+            record = Evicted(record.status.model_copy(update={"handled_resume": asked.resume[uid]}), record.at)
+        if uid in asked.evict or uid in asked.resume:
+            records[uid] = record
+        resumed = uid in asked.resume
+        stays_parked = is_evicted(session) and not resumed and verdicts[uid].reason in PRESSURE
+        if uid in victims or uid in held or stays_parked:
+            verdicts[uid] = parked_verdict(record.status, record.at)
+    return Admission(verdicts, records, evictions)
