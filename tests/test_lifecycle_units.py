@@ -7,13 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 from tests.test_decisions import facts
 from waso.api.conditions import ConditionType, Reason, find_condition, set_condition
-from waso.api.session import Phase, RuntimeState, RuntimeStatus
+from waso.api.session import ACTIVITY_GRANULARITY, Phase, RuntimeState, RuntimeStatus
 from waso.operator.admission import ADMITTED
 from waso.operator.controller import retry_after
 from waso.operator.events import EventReason, lifecycle_events
 from waso.operator.status import desired_status
 from waso.session_runtime.lifecycle import (
-    ACTIVITY_GRANULARITY,
     Activity,
     Connecting,
     Notify,

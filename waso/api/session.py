@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
@@ -15,6 +16,9 @@ REPAIR_ANNOTATION = "waso.dev/repair"
 """Set to a new value (``waso repair`` writes the time) to ask for a repair of the session."""
 ROLLBACK_ANNOTATION = "waso.dev/rollback"
 """``<backup id or latest>#<token>`` (``waso repair rollback`` writes it) to restore a backup."""
+ACTIVITY_GRANULARITY = timedelta(seconds=60)
+"""status.runtime.lastActivityAt moves in steps of at least this, so busy sessions do not write on every
+message: a session may have been active until this long after the time it shows."""
 EVICT_ANNOTATION = "waso.dev/evict"
 """Set to a new value (``waso evict`` writes the time) to park the session until a person resumes it."""
 RESUME_ANNOTATION = "waso.dev/resume"

@@ -87,6 +87,12 @@ def _repair(args: argparse.Namespace) -> int:
     return main(args.words, args.backup)
 
 
+def _evict(args: argparse.Namespace) -> int:
+    from waso.cli.evict import main
+
+    return main(args.command, args.session)
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from waso.cli import migrate
 
@@ -140,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     repair.add_argument("words", nargs="+", metavar="[rollback] NAMESPACE/NAME")
     repair.add_argument("--backup", help="with rollback: the backup to restore (default: the latest)")
     repair.set_defaults(handler=_repair)
+
+    for command, text in (
+        ("evict", "park a session now, credentials kept, until `waso resume` (annotation waso.dev/evict)"),
+        ("resume", "bring an evicted session back now (annotation waso.dev/resume)"),
+    ):
+        parser_ = commands.add_parser(command, help=text)
+        parser_.add_argument("session", metavar="NAMESPACE/NAME")
+        parser_.set_defaults(handler=_evict)
 
     _migrate_parser(commands)
 

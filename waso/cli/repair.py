@@ -9,42 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from datetime import UTC, datetime
 
-from waso.api.session import REPAIR_ANNOTATION, ROLLBACK_ANNOTATION, WhatsAppSession
-from waso.kube import ApiError, KubeClient, reference
-
-
-def _target(text: str) -> tuple[str, str] | None:
-    namespace, _, name = text.partition("/")
-    return (namespace, name) if namespace and name and "/" not in name else None
-
-
-async def _annotate(target: tuple[str, str], annotation: str, value: str) -> None:
-    kube = KubeClient.connect(threads=1)
-    try:
-        patch = {"metadata": {"annotations": {annotation: value}}}
-        await kube.merge_patch(reference(WhatsAppSession.KIND, *target), patch, "waso-cli")
-    finally:
-        kube.close()
+from waso.api.session import REPAIR_ANNOTATION, ROLLBACK_ANNOTATION
+from waso.cli.requests import annotate, new_token, parse_target
+from waso.kube import ApiError
 
 
 def main(words: list[str], backup: str | None) -> int:
     rollback = bool(words) and words[0] == "rollback"
     rest = words[1:] if rollback else words
-    target = _target(rest[0]) if len(rest) == 1 else None
+    target = parse_target(rest[0]) if len(rest) == 1 else None
     if target is None:
         print("usage: waso repair NAMESPACE/NAME | waso repair rollback NAMESPACE/NAME [--backup ID]", file=sys.stderr)
         return 2
     if backup is not None and not rollback:
         print("waso repair: --backup belongs to `waso repair rollback`", file=sys.stderr)
         return 2
-    token = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    token = new_token()
     annotation, value = (
         (ROLLBACK_ANNOTATION, f"{backup or 'latest'}#{token}") if rollback else (REPAIR_ANNOTATION, token)
     )
     try:
-        asyncio.run(_annotate(target, annotation, value))
+        asyncio.run(annotate(target, annotation, value))
     except (ApiError, OSError) as error:
         print(f"waso repair: {'/'.join(target)}: {error}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ from typing import Literal
 
 from waso.api.base import format_timestamp
 from waso.api.conditions import ConditionType, Reason, find_condition
-from waso.api.session import EvictionReason, EvictionStatus
+from waso.api.session import ACTIVITY_GRANULARITY, EvictionReason, EvictionStatus
 from waso.operator.admission import ADMITTED, Verdict, plan_admission
 from waso.operator.status import Evicted
 from waso.operator.world import SessionFacts
@@ -65,11 +65,16 @@ class Requests:
 
 
 def idle_since(session: SessionFacts) -> datetime:
-    """The session's last sign of use: its last activity, connection or admission (else its creation)."""
+    """The session's last sign of use: its last activity, connection or admission (else its creation).
+
+    ``lastActivityAt`` is reported coarsely: the session may have been active until a granularity
+    later, so that is when it counts as last active (never evicted a moment after a message).
+    """
     runtime = session.runtime
     moments = [session.created, session.status.admitted_at]
     if runtime is not None:
-        moments += [runtime.last_activity_at, runtime.connected_at]
+        active = runtime.last_activity_at + ACTIVITY_GRANULARITY if runtime.last_activity_at else None
+        moments += [active, runtime.connected_at]
     return max(moment for moment in moments if moment is not None)
 
 

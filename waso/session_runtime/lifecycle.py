@@ -9,12 +9,12 @@ a unit test drives every transition, the activity rule included, on a fake clock
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from waso.api.base import format_timestamp
 from waso.api.jid import parse_jid
-from waso.api.session import RepairReport, RuntimeState, RuntimeStatus
+from waso.api.session import ACTIVITY_GRANULARITY, RepairReport, RuntimeState, RuntimeStatus
 from waso.session_runtime.transport import (
     Connected,
     Disconnected,
@@ -27,8 +27,6 @@ from waso.session_runtime.transport import (
     TransportEvent,
 )
 
-ACTIVITY_GRANULARITY = timedelta(seconds=60)
-"""status.runtime.lastActivityAt moves in steps of at least this, so busy sessions do not write on every message."""
 STREAM_REPLACED_PAUSE = 60.0
 """Another client took the socket: wait at least this long before taking it back."""
 UNKNOWN_BAN_PAUSE = 60.0
