@@ -242,3 +242,59 @@ def test_a_full_cluster_evicts_idle_sessions_for_new_ones_and_resumes_them_witho
     refused = run_waso("resume", target, kubeconfig=control_plane.kubeconfig)
     assert refused.returncode == 1
     assert "is not evicted" in refused.stderr
+
+
+@pytest.mark.simulator_args("--auto-pair", "0.2")
+@pytest.mark.operator_env(
+    WASO_EVICTION__MIN_IDLE_SECONDS="0", WASO_EVICTION__MEMORY_SETTLE_SECONDS="60", WASO_RESYNC_SECONDS="2"
+)
+def test_a_pod_near_its_memory_limit_parks_its_least_recently_used_session_until_memory_is_back(
+    control_plane: ControlPlane, tenants: Tenants, simulator: Process, operator: KopfRunner, tmp_path: Path
+) -> None:
+    """The runtime reads its cgroup's memory.current and memory.max (here files the test writes)."""
+    api = control_plane.api
+    namespace = tenants.namespace("tight")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    limit = 1_000_000_000
+    (cgroup / "memory.max").write_text(f"{limit}\n")
+    (cgroup / "memory.current").write_text(f"{limit // 2}\n")
+    runtime = start_runtime(control_plane.kubeconfig, namespace, 0, tmp_path / "data", simulator.url, tmp_path,
+                            WASO_CGROUP_DIR=str(cgroup))  # fmt: skip
+    try:
+        names = [f"s{i}" for i in range(4)]
+        for index, name in enumerate(names):
+            create_session(api, namespace, name, _phone(4, index))
+        _wait_all(api, namespace, names, _running, "4 sessions connected", timeout=120)
+        before = _by_name(api, namespace)
+        least_recent = min(names, key=lambda name: (_idle_since(before[name]), name))
+        stats = http_json("GET", simulator.url + "/v1/stats").body
+
+        # 95 % of the limit: about a quarter of the use per session, 20 % above the resume fraction: one
+        (cgroup / "memory.current").write_text(f"{limit * 95 // 100}\n")
+
+        def parked() -> list[str]:
+            found = _by_name(api, namespace)
+            return [name for name, obj in found.items() if _admission(obj) == ("False", "Evicted")]
+
+        assert wait_for(parked, timeout=60, what="a session parked for memory") == [least_recent]
+        obj = get(api, namespace, least_recent)
+        assert obj["status"]["eviction"]["lastReason"] == "MemoryPressure"
+        assert "neared its memory limit" in condition(obj, "Admitted")["message"]
+        assert _metric("waso_evictions_total", tenant=namespace, reason="MemoryPressure") == 1
+        _wait_all(api, namespace, [least_recent], lambda o: o["status"]["runtime"]["state"] == "Stopped",
+                  "stopped", timeout=60)  # fmt: skip
+
+        # Back below the resume fraction: it resumes from its stored credentials.
+        (cgroup / "memory.current").write_text(f"{limit // 2}\n")
+        _wait_all(api, namespace, names, _running, "all 4 running again", timeout=60)
+        assert parked() == []
+        after = http_json("GET", simulator.url + "/v1/stats").body
+        assert after["counters"]["links"] == stats["counters"]["links"]
+        assert after["counters"]["qr_codes"] == stats["counters"]["qr_codes"]
+        assert (
+            get(api, namespace, least_recent)["status"]["runtime"]["jid"]
+            == before[least_recent]["status"]["runtime"]["jid"]
+        )
+    finally:
+        runtime.stop(kill=True)

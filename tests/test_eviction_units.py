@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from waso.api.conditions import Condition, ConditionType, Reason, find_condition, set_condition
 from waso.api.session import EvictionReason, EvictionStatus, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.api.tenancy import MemoryReport
 from waso.operator.admission import ADMITTED, plan_admission
 from waso.operator.eviction import Admission, EvictionPolicy, admit, idle_since
 from waso.operator.status import desired_status
@@ -285,3 +286,63 @@ def test_evictions_keep_every_rule(cluster: tuple[list[SessionFacts], int, dict[
                 and NOW - idle_since(s) >= POLICY.min_idle
                 and (not quota_full or s.namespace == waiting.namespace)
             ], (uid, verdict)
+
+
+# Memory pressure.
+
+MIB = 1024 * 1024
+
+
+def report(fraction: float, *, at: datetime = NOW, limit: int = 1000 * MIB, shard: int = 0) -> MemoryReport:
+    return MemoryReport("acme", shard, int(limit * fraction), limit, at)
+
+
+def memory_run(sessions: list[SessionFacts], *reports: MemoryReport, cap: int = UNLIMITED) -> Admission:
+    tenant_limits = {s.namespace: UNLIMITED for s in sessions}
+    return admit(sessions, {s.uid: s.admitted for s in sessions}, tenant_limits, cap, POLICY, NOW, reports)
+
+
+def test_a_pod_near_its_memory_limit_parks_its_least_recently_used_idle_sessions() -> None:
+    sessions = [session(f"s{i}", idle_minutes=20 + i) for i in range(4)]  # s3 is the least recently used
+    result = memory_run(sessions, report(0.95))
+    # 950 MiB over 4 sessions: about 238 each; 200 MiB above the resume fraction (750): one session
+    assert evicted(result) == ["s3"]
+    assert result.evictions[0].reason == EvictionReason.MEMORY_PRESSURE
+    verdict = result.verdicts["acme/s3"]
+    assert verdict.reason == Reason.EVICTED
+    assert "its session pod neared its memory limit" in verdict.message
+    eight = [session(f"s{i}", idle_minutes=20 + i) for i in range(8)]
+    assert evicted(memory_run(eight, report(0.99))) == ["s7", "s6"]  # 240 MiB above, about 124 each: two
+
+
+def test_memory_pressure_never_parks_an_active_session_and_needs_a_limit() -> None:
+    busy = [session(f"s{i}", idle_minutes=1) for i in range(4)]
+    assert memory_run(busy, report(0.99)).evictions == ()
+    idle = [session(f"s{i}", idle_minutes=60) for i in range(4)]
+    assert memory_run(idle, report(0.8)).evictions == ()  # below the pressure fraction
+    assert memory_run(idle, MemoryReport("acme", 0, 10**12, 0, NOW)).evictions == ()  # no limit, no pressure
+    assert memory_run(idle, report(0.95, shard=1)).evictions == ()  # another pod's report
+
+
+def parked_for_memory(name: str, at: datetime) -> SessionFacts:
+    parked = session(name, admitted=False, evicted=EvictionReason.MEMORY_PRESSURE)
+    status = parked.status.model_copy(update={"evicted_at": at})
+    return SessionFacts(**{**parked.__dict__, "status": status, "shard": 0})
+
+
+def test_after_parking_a_pod_waits_for_a_settled_report_before_parking_more() -> None:
+    sessions = [parked_for_memory("gone", NOW - timedelta(seconds=30)), *[session(f"s{i}") for i in range(3)]]
+    assert memory_run(sessions, report(0.95, at=NOW)).evictions == ()  # 30 s after: still settling
+    later = [parked_for_memory("gone", NOW - timedelta(seconds=61)), *sessions[1:]]
+    assert len(memory_run(later, report(0.95, at=NOW)).evictions) == 1
+
+
+def test_sessions_parked_for_memory_come_back_only_when_their_pod_is_below_the_resume_fraction() -> None:
+    sessions = [parked_for_memory("p", NOW - timedelta(minutes=5)), session("busy", idle_minutes=0)]
+    still = memory_run(sessions, report(0.8))  # below the pressure fraction, above the resume one
+    assert still.verdicts["acme/p"].reason == Reason.EVICTED
+    assert still.evictions == ()
+    back = memory_run(sessions, report(0.5))
+    assert back.verdicts["acme/p"] == ADMITTED
+    gone = memory_run(sessions)  # the pod reports nothing (scaled away): nothing holds it
+    assert gone.verdicts["acme/p"] == ADMITTED

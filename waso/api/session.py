@@ -163,6 +163,8 @@ class EvictionReason(StrEnum):
     """A waiting session needed a slot under the global cap."""
     QUOTA_PRESSURE = "QuotaPressure"
     """A waiting session of the same tenant needed a slot under the tenant's maxSessions."""
+    MEMORY_PRESSURE = "MemoryPressure"
+    """Its session pod neared its memory limit; it resumes when the pod is back below the resume fraction."""
     MANUAL = "Manual"
     """A person asked (``waso evict``, annotation waso.dev/evict); only a person resumes it."""
 

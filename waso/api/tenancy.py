@@ -55,3 +55,42 @@ def revision(resource_version: str | None) -> int:
 def honoured_quota(quotas: list[QuotaFacts]) -> QuotaFacts | None:
     """The oldest quota of a namespace is the one in force."""
     return min(quotas, key=lambda q: q.age_order, default=None)
+
+
+HEARTBEAT_LABEL = "waso.dev/heartbeat"
+"""On a session pod's heartbeat Lease (``true``); with SHARD_LABEL, so the operator can index them."""
+MEMORY_ANNOTATION = "waso.dev/memory"
+"""On the heartbeat Lease: ``<used bytes>/<limit bytes>`` of the pod's memory cgroup at the last renewal
+(limit 0: none). Written with every renewal, which writes the Lease anyway."""
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """A session pod's memory as its runtime last reported it."""
+
+    namespace: str
+    shard: int
+    used: int
+    limit: int
+    """0: no limit."""
+    at: datetime
+
+    @property
+    def fraction(self) -> float:
+        return self.used / self.limit if self.limit > 0 else 0.0
+
+
+def memory_annotation(used: int, limit: int) -> str:
+    return f"{used}/{limit}"
+
+
+def memory_report(lease: Mapping[str, Any]) -> MemoryReport | None:
+    """The report on a heartbeat Lease; None when it carries none (or an unreadable one)."""
+    meta = lease.get("metadata") or {}
+    shard = (meta.get("labels") or {}).get(SHARD_LABEL, "")
+    used, _, limit = ((meta.get("annotations") or {}).get(MEMORY_ANNOTATION) or "").partition("/")
+    renewed = (lease.get("spec") or {}).get("renewTime")
+    if not (shard.isdigit() and used.isdigit() and limit.isdigit() and renewed and meta.get("namespace")):
+        return None
+    at = datetime.fromisoformat(str(renewed).replace("Z", "+00:00"))
+    return MemoryReport(str(meta["namespace"]), int(shard), int(used), int(limit), at)

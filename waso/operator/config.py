@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel, to_snake
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
@@ -62,9 +62,26 @@ class EvictionSettings(BaseModel):
     """A session active (message, connection, admission) more recently than this is never evicted."""
     order: Literal["PriorityThenLeastRecentlyActive", "LeastRecentlyActive"] = "PriorityThenLeastRecentlyActive"
     """Which idle session goes first; never one of higher priority than the session waiting."""
+    memory_pressure_fraction: float = Field(default=0.9, gt=0, le=1)
+    """A session pod using more than this fraction of its memory limit parks its least recently used idle
+    sessions (min idle time respected) before the kernel kills the pod."""
+    memory_resume_fraction: float = Field(default=0.75, gt=0, le=1)
+    """Sessions parked for memory resume once their pod is back below this fraction."""
+    memory_settle_seconds: float = Field(default=60.0, ge=0, le=3600)
+    """After parking for memory, wait this long for a fresh report before parking more (freed memory
+    reaches the kernel's count with a delay)."""
     flag_parked_after_seconds: float = Field(default=1_209_600.0, gt=0, le=31_536_000)
     """A session parked (evicted or suspended) longer than this is flagged: WhatsApp logs out a device
     whose phone went unused for 14 days and unlinks one offline for 30 days."""
+
+    @model_validator(mode="after")
+    def _resume_below_pressure(self) -> EvictionSettings:
+        if self.memory_resume_fraction >= self.memory_pressure_fraction:
+            raise ValueError(
+                f"memoryResumeFraction ({self.memory_resume_fraction}) must be below memoryPressureFraction "
+                f"({self.memory_pressure_fraction}), or parked sessions would bring the pressure straight back"
+            )
+        return self
 
 
 class OperatorConfig(BaseSettings):

@@ -30,7 +30,7 @@ from waso.api.base import API_VERSION, format_timestamp
 from waso.api.conditions import ConditionType, Reason, find_condition, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
 from waso.api.session import CLEANUP_FINALIZER, RepairStatus, RuntimeState, WhatsAppSession, WhatsAppSessionStatus
-from waso.api.tenancy import SHARD_LABEL, QuotaFacts, honoured_quota
+from waso.api.tenancy import SHARD_LABEL, MemoryReport, QuotaFacts, honoured_quota
 from waso.kube import ApiError, KubeClient, reference
 from waso.logs import about
 from waso.operator import metrics
@@ -101,6 +101,7 @@ class Controller:
         self.quotas: Mapping[str, Iterable[QuotaFacts]] = {}
         self.pods: Mapping[str, Iterable[PodFacts]] = {}
         self.access: Mapping[str, Iterable[bool]] = {}
+        self.memory: Mapping[str, Iterable[MemoryReport]] = {}
         self.session_status = StatusWriter(
             kube, WhatsAppSession.KIND, MANAGER, on_write=metrics.STATUS_WRITES.labels(WhatsAppSession.KIND).inc
         )
@@ -123,6 +124,9 @@ class Controller:
             min_idle=timedelta(seconds=settings.min_idle_seconds),
             order=settings.order,
             flag_parked_after=timedelta(seconds=settings.flag_parked_after_seconds),
+            memory_fraction=settings.memory_pressure_fraction,
+            memory_resume_fraction=settings.memory_resume_fraction,
+            memory_settle=timedelta(seconds=settings.memory_settle_seconds),
         )
 
     def attach(
@@ -131,9 +135,15 @@ class Controller:
         quotas: Mapping[str, Iterable[QuotaFacts]],
         pods: Mapping[str, Iterable[PodFacts]],
         access: Mapping[str, Iterable[bool]],
+        memory: Mapping[str, Iterable[MemoryReport]],
     ) -> None:
         """Hand over kopf's live index views (the same objects on every call)."""
         self.sessions, self.quotas, self.pods, self.access = sessions, quotas, pods, access
+        self.memory = memory
+
+    def under_pressure(self, report: MemoryReport) -> bool:
+        """Whether a pod's memory report calls for a pass now (the resync notices a pressure that ended)."""
+        return report.fraction >= self._eviction.memory_fraction
 
     def poke(self) -> None:
         self._wake.set()
@@ -184,15 +194,15 @@ class Controller:
         pods = {(p.namespace, p.shard): p for facts in list(self.pods.values()) for p in facts}
         limits = {ns: self._quota_spec(honoured.get(ns)).max_sessions for ns in namespaces}
 
-        admission = admit(
-            sessions, {s.uid: s.admitted for s in sessions}, limits, self.config.max_sessions, self._eviction, now
-        )
+        memory = [report for reports in list(self.memory.values()) for report in reports]
+        admitted_now = {s.uid: s.admitted for s in sessions}
+        admission = admit(sessions, admitted_now, limits, self.config.max_sessions, self._eviction, now, memory)
         verdicts = admission.verdicts
         for eviction in admission.evictions:
             victim, beneficiary = eviction.victim, eviction.beneficiary
             log.info(
-                "evicted (%s, idle since %s) for %s", eviction.reason, format_timestamp(eviction.idle_since),
-                beneficiary.key, extra=about(victim.namespace, victim.name),
+                "evicted (%s, idle since %s)%s", eviction.reason, format_timestamp(eviction.idle_since),
+                f" for {beneficiary.key}" if beneficiary else "", extra=about(victim.namespace, victim.name),
             )  # fmt: skip
         running = {uid: v.admitted for uid, v in verdicts.items()}
         # A deleted session's shard runs until its runtime has unlinked the device (suspended or not).

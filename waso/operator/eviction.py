@@ -21,6 +21,7 @@ a resumed session is a claimant like a new one.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Literal
 from waso.api.base import format_timestamp
 from waso.api.conditions import ConditionType, Reason, find_condition
 from waso.api.session import ACTIVITY_GRANULARITY, EvictionReason, EvictionStatus
+from waso.api.tenancy import MemoryReport
 from waso.operator.admission import ADMITTED, Verdict, plan_admission
 from waso.operator.status import Evicted
 from waso.operator.world import SessionFacts
@@ -44,12 +46,16 @@ class EvictionPolicy:
     min_idle: timedelta = timedelta(minutes=15)
     order: Order = "PriorityThenLeastRecentlyActive"
     flag_parked_after: timedelta = timedelta(days=14)
+    memory_fraction: float = 0.9
+    memory_resume_fraction: float = 0.75
+    memory_settle: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
 class Eviction:
     victim: SessionFacts
-    beneficiary: SessionFacts
+    beneficiary: SessionFacts | None
+    """The waiting session let in; None for memory pressure."""
     reason: EvictionReason
     idle_since: datetime
 
@@ -174,6 +180,60 @@ def plan_evictions(
     return tuple(evictions)
 
 
+def memory_evictions(
+    sessions: Iterable[SessionFacts],
+    verdicts: Mapping[str, Verdict],
+    reports: Iterable[MemoryReport],
+    policy: EvictionPolicy,
+    now: datetime,
+    spared: Collection[str] = (),
+) -> tuple[Eviction, ...]:
+    """Sessions to park on pods near their memory limit, least recently used idle ones first.
+
+    As many as should bring the pod down to the resume fraction, estimating a session's share as
+    the pod's use over its running sessions (an overestimate: the runtime's own memory is in it, so
+    this parks too few rather than too many). After parking, a pod waits for a report taken
+    ``memory_settle`` later before parking more: freed memory reaches the kernel's count late.
+    """
+    by_shard: dict[tuple[str, int], list[SessionFacts]] = {}
+    for session in sessions:
+        if session.shard is not None and not session.deleting:
+            by_shard.setdefault((session.namespace, session.shard), []).append(session)
+    evictions: list[Eviction] = []
+    for report in sorted(reports, key=lambda r: (r.namespace, r.shard)):
+        on_shard = by_shard.get((report.namespace, report.shard), [])
+        if report.fraction < policy.memory_fraction or not on_shard:
+            continue
+        parked_at = [s.status.evicted_at for s in on_shard if _parked_for_memory(s) and s.status.evicted_at]
+        if parked_at and report.at < max(parked_at) + policy.memory_settle:
+            continue
+        running = [s for s in on_shard if s.admitted and verdicts.get(s.uid, ADMITTED).admitted]
+        if not running:
+            continue
+        excess = report.used - policy.memory_resume_fraction * report.limit
+        count = math.ceil(excess / (report.used / len(running)))
+        idle = {s.uid: idle_since(s) for s in running}
+        candidates = sorted(
+            (s for s in running if s.uid not in spared and now - idle[s.uid] >= policy.min_idle),
+            key=lambda s: _victim_order(s, idle[s.uid], policy.order),
+        )
+        evictions += [Eviction(s, None, EvictionReason.MEMORY_PRESSURE, idle[s.uid]) for s in candidates[:count]]
+    return tuple(evictions)
+
+
+def held_for_memory(
+    sessions: Iterable[SessionFacts], reports: Iterable[MemoryReport], policy: EvictionPolicy
+) -> set[str]:
+    """Sessions parked for memory whose pod is not yet back below the resume fraction."""
+    pressed = {(r.namespace, r.shard) for r in reports if r.fraction >= policy.memory_resume_fraction}
+    return {s.uid for s in sessions if _parked_for_memory(s) and (s.namespace, s.shard) in pressed}
+
+
+def _parked_for_memory(session: SessionFacts) -> bool:
+    eviction = session.status.eviction
+    return is_evicted(session) and eviction is not None and eviction.last_reason == EvictionReason.MEMORY_PRESSURE
+
+
 def _victim_order(session: SessionFacts, idle: datetime, order: Order) -> tuple[int, datetime, str, str]:
     priority = session.priority if order == "PriorityThenLeastRecentlyActive" else 0
     return (priority, idle, session.namespace, session.name)
@@ -185,7 +245,7 @@ def evicted_status(before: EvictionStatus | None, eviction: Eviction) -> Evictio
         update={
             "count": before.count + 1,
             "last_reason": eviction.reason,
-            "slot_taken_by": eviction.beneficiary.key,
+            "slot_taken_by": eviction.beneficiary.key if eviction.beneficiary else None,
             "idle_since": eviction.idle_since,
         }
     )
@@ -196,6 +256,12 @@ def parked_verdict(status: EvictionStatus, evicted_at: datetime | None) -> Verdi
     when = f" at {format_timestamp(evicted_at)}" if evicted_at is not None else ""
     if status.last_reason == EvictionReason.MANUAL:
         message = f"evicted{when} on request; credentials kept; `waso resume` brings it back"
+    elif status.last_reason == EvictionReason.MEMORY_PRESSURE:
+        idle = f", idle since {format_timestamp(status.idle_since)}" if status.idle_since is not None else ""
+        message = (
+            f"evicted{when} (MemoryPressure{idle}): its session pod neared its memory limit; credentials kept; "
+            "resumes when the pod is back below the resume fraction, or now with `waso resume`"
+        )
     else:
         idle = f", idle since {format_timestamp(status.idle_since)}" if status.idle_since is not None else ""
         taker = f" for {status.slot_taken_by}" if status.slot_taken_by else ""
@@ -223,19 +289,26 @@ def admit(
     global_cap: int,
     policy: EvictionPolicy,
     now: datetime,
+    memory: Iterable[MemoryReport] = (),
 ) -> Admission:
-    """Admission (``plan_admission``), then the evictions that let waiting sessions in, and the requests of people."""
+    """Admission (``plan_admission``), the evictions that let waiting sessions in, those that relieve pods
+    near their memory limit, and the requests of people."""
+    reports = list(memory)
     asked = requests(sessions)
-    held = held_by_people(sessions, asked)
+    held = held_by_people(sessions, asked) | (held_for_memory(sessions, reports, policy) - set(asked.resume))
     holding = {uid: admitted and uid not in held for uid, admitted in admitted_now.items()}
     verdicts = plan_admission(sessions, holding, tenant_limits, global_cap, held)
     evictions = plan_evictions(sessions, verdicts, tenant_limits, global_cap, policy, now, claimants(sessions, asked))
+    for eviction in evictions:
+        if eviction.beneficiary is not None:
+            verdicts[eviction.beneficiary.uid] = ADMITTED
+    involved = {e.victim.uid for e in evictions} | {e.beneficiary.uid for e in evictions if e.beneficiary}
+    evictions += memory_evictions(sessions, verdicts, reports, policy, now, spared=involved)
 
     records: dict[str, Evicted] = {}
     for eviction in evictions:
         victim = eviction.victim
         records[victim.uid] = Evicted(evicted_status(victim.status.eviction, eviction), now)
-        verdicts[eviction.beneficiary.uid] = ADMITTED
     victims = {eviction.victim.uid for eviction in evictions}
     for session in sessions:
         uid = session.uid

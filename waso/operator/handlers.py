@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from waso.api.base import GROUP, VERSION
 from waso.api.quota import TenantQuota
 from waso.api.session import WhatsAppSession
-from waso.api.tenancy import QuotaFacts, quota_facts
+from waso.api.tenancy import HEARTBEAT_LABEL, MemoryReport, QuotaFacts, memory_report, quota_facts
 from waso.kube import KubeClient
 from waso.operator.config import load_config
 from waso.operator.controller import Controller
@@ -93,6 +93,18 @@ def session_pods_by_tenant(body: kopf.Body, **_: Any) -> dict[str, PodFacts] | N
     return {facts.namespace: facts} if facts is not None else None
 
 
+@kopf.index("coordination.k8s.io", "v1", "leases", labels={HEARTBEAT_LABEL: "true"}, when=in_scope)
+def memory_by_tenant(body: kopf.Body, **_: Any) -> dict[str, MemoryReport] | None:
+    report = memory_report(body)
+    return {report.namespace: report} if report is not None else None
+
+
+def under_pressure(body: kopf.Body, memo: kopf.Memo, namespace: str | None, **_: Any) -> bool:
+    """A heartbeat wakes the operator only under memory pressure (the resync sees the rest)."""
+    report = memory_report(body)
+    return in_scope(namespace) and report is not None and memo.controller.under_pressure(report)
+
+
 @kopf.index(*ROLES, labels={"app.kubernetes.io/managed-by": "waso-operator"}, when=in_scope)
 def runtime_identity_by_tenant(body: kopf.Body, **_: Any) -> dict[str, bool]:
     """Tenants whose runtime Role is held by the access finalizer (found again after an operator restart)."""
@@ -103,11 +115,13 @@ def runtime_identity_by_tenant(body: kopf.Body, **_: Any) -> dict[str, bool]:
 @kopf.on.event(*QUOTAS, when=in_scope)
 @kopf.on.event("v1", "pods", labels=SELECTOR, when=in_scope)
 @kopf.on.event(*ROLES, labels={"app.kubernetes.io/managed-by": "waso-operator"}, when=in_scope)
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={HEARTBEAT_LABEL: "true"}, when=under_pressure)
 def poke(memo: kopf.Memo, **kwargs: Any) -> None:
     """Every watch event: the indexes are current, so the next pass sees it."""
     sessions: kopf.Index[str, SessionFacts] = kwargs["sessions_by_tenant"]
     quotas: kopf.Index[str, QuotaFacts] = kwargs["quotas_by_tenant"]
     pods: kopf.Index[str, PodFacts] = kwargs["session_pods_by_tenant"]
     access: kopf.Index[str, bool] = kwargs["runtime_identity_by_tenant"]
-    memo.controller.attach(sessions, quotas, pods, access)
+    memory: kopf.Index[str, MemoryReport] = kwargs["memory_by_tenant"]
+    memo.controller.attach(sessions, quotas, pods, access, memory)
     memo.controller.poke()

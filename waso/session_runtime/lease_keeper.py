@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,8 +38,13 @@ class LeaseKeeper:
                 raise
             return None
 
-    async def hold(self, name: str) -> datetime | None:
-        """Acquire or renew ``name``; the time of the successful write, or None if another holder has it."""
+    async def hold(
+        self, name: str, labels: Mapping[str, str] | None = None, annotations: Mapping[str, str] | None = None
+    ) -> datetime | None:
+        """Acquire or renew ``name``; the time of the successful write, or None if another holder has it.
+
+        ``labels`` and ``annotations`` are written with it (the heartbeat's shard and memory report).
+        """
         now = self.clock()
         lease = await self._read(name)
         previous: dict[str, Any] = (lease or {}).get("spec") or {}
@@ -64,17 +69,18 @@ class LeaseKeeper:
             "acquireTime": previous.get("acquireTime") if action == LeaseAction.RENEW else _micro_time(now),
             "leaseTransitions": (previous.get("leaseTransitions") or 0) + (action == LeaseAction.TAKE),
         }
+        meta: dict[str, Any] = dict((lease or {}).get("metadata") or {"name": name, "namespace": self.namespace})
+        if labels:
+            meta["labels"] = {**(meta.get("labels") or {}), **labels}
+        if annotations:
+            meta["annotations"] = {**(meta.get("annotations") or {}), **annotations}
         try:
             if lease is None:
-                body = {
-                    "apiVersion": "coordination.k8s.io/v1",
-                    "kind": "Lease",
-                    "metadata": {"name": name, "namespace": self.namespace},
-                }
+                body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta}
                 await self.kube.create({**body, "spec": spec}, MANAGER)
             else:
                 # metadata carries the resourceVersion read: a concurrent writer makes this fail with 409
-                await self.kube.replace({**lease, "spec": spec}, MANAGER)
+                await self.kube.replace({**lease, "metadata": meta, "spec": spec}, MANAGER)
         except ApiError as error:
             if error.status in (409, 422):
                 return None  # someone else wrote first

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,7 +32,15 @@ from waso.api.session import (
     RuntimeStatus,
     WhatsAppSession,
 )
-from waso.api.tenancy import SHARD_LABEL, honoured_quota, quota_facts, revision
+from waso.api.tenancy import (
+    HEARTBEAT_LABEL,
+    MEMORY_ANNOTATION,
+    SHARD_LABEL,
+    honoured_quota,
+    memory_annotation,
+    quota_facts,
+    revision,
+)
 from waso.kube import ApiError, KubeClient
 from waso.session_runtime import metrics
 from waso.session_runtime.backups import BackupError, backup_store, prune_backups, reset_store, restore_backup
@@ -290,9 +299,12 @@ class Runtime:
 
     async def _heartbeat(self) -> None:
         name = f"waso-runtime-{self.config.pod_name}"
+        labels = {HEARTBEAT_LABEL: "true", SHARD_LABEL: str(self.config.shard_index)}
         while True:
+            memory = read_memory(self.config.cgroup_dir)
+            annotations = {MEMORY_ANNOTATION: memory_annotation(*memory)} if memory is not None else None
             try:
-                self.heartbeat_ok = await self.leases.hold(name) is not None
+                self.heartbeat_ok = await self.leases.hold(name, labels, annotations) is not None
             except Exception as error:
                 log.warning("heartbeat lease failed: %s", error)
                 self.heartbeat_ok = False
@@ -340,3 +352,13 @@ class Runtime:
             await self.http.close()
         if isinstance(self.limiter, RedisRateLimiter):
             await self.limiter.close()
+
+
+def read_memory(cgroup_dir: Path) -> tuple[int, int] | None:
+    """(used, limit) bytes of a cgroup v2 memory controller (limit 0: none); None where there is none."""
+    try:
+        used = int((cgroup_dir / "memory.current").read_text().strip())
+        limit_text = (cgroup_dir / "memory.max").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return used, (0 if limit_text == "max" else int(limit_text) if limit_text.isdigit() else 0)
