@@ -133,7 +133,8 @@ def run(kubeconfig: Path, tmp: Path) -> int:
             wait(functools.partial(at_least_connected, custom, target), 120, f"{target} connected sessions")
             time.sleep(2)  # let allocations settle
             memory[target] = rss_mib(runtime.pid)
-        sent, seconds = asyncio.run(send_through_runtime(rt_url, 3000))
+        token = bench_token(api, NAMESPACE, send=True)
+        sent, seconds = asyncio.run(send_through_runtime(rt_url, 3000, token))
         floor_sent, floor_seconds = asyncio.run(send_direct(sim_url, 3000))
     finally:
         for proc in (runtime, operator, simulator):
@@ -177,13 +178,14 @@ def connected(custom: client.CustomObjectsApi, namespace: str = NAMESPACE) -> in
     return sum(1 for o in items["items"] if o.get("status", {}).get("runtime", {}).get("state") == "Connected")
 
 
-async def send_through_runtime(url: str, count: int, concurrency: int = 16) -> tuple[int, float]:
+async def send_through_runtime(url: str, count: int, token: str, concurrency: int = 16) -> tuple[int, float]:
+    """Sends as an application does, authenticated (a TokenReview and a SubjectAccessReview, then cached)."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(count):
         queue.put_nowait(i)
     accepted = 0
 
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
 
         async def worker() -> None:
             nonlocal accepted
@@ -300,6 +302,7 @@ def run_on_node(cluster: LocalCluster) -> None:
         }},
     })  # fmt: skip
 
+    metrics_token = bench_token(api, TENANT, metrics=True)
     memory: dict[int, tuple[Reading, bool]] = {}
     created = 0
     for target in (10, 50):
@@ -313,7 +316,7 @@ def run_on_node(cluster: LocalCluster) -> None:
             kubectl(kubeconfig, "create", "-n", TENANT, "-f", "-", stdin=json.dumps(idle_pod(client.AppsV1Api(api))))
             wait_until(lambda: pod_ready(core, IDLE_POD), 120, f"pod {IDLE_POD} Ready", diagnose)
             pods[IDLE_POD] = 0
-        sampler = MemorySampler(core, {name: pod_ip(core, name) for name in pods})
+        sampler = MemorySampler(core, {name: pod_ip(core, name) for name in pods}, metrics_token)
         wait_until(sampler.done, 30 + 20 * MAX_SAMPLES, f"settled memory readings of {', '.join(pods)}", diagnose)
         for name, sessions in pods.items():
             reading, settled = sampler.result(name)
@@ -347,7 +350,8 @@ class MemorySampler:
     lie within SETTLED_MIB; otherwise the bench goes on after MAX_SAMPLES with the last reading.
     """
 
-    def __init__(self, core: client.CoreV1Api, pods: dict[str, str]) -> None:
+    def __init__(self, core: client.CoreV1Api, pods: dict[str, str], token: str) -> None:
+        self.token = token
         self.core, self.pods = core, pods
         self.readings: dict[str, list[Reading]] = {name: [] for name in pods}
         self.last_sample = dict.fromkeys(pods, datetime.now().astimezone())
@@ -369,7 +373,7 @@ class MemorySampler:
             if sampled <= self.last_sample[name]:
                 continue
             try:
-                process_rss, sessions = runtime_metrics(ip)
+                process_rss, sessions = runtime_metrics(ip, self.token)
             except (urllib.error.URLError, OSError):
                 continue  # a busy machine: the next sample
             self.last_sample[name] = sampled
@@ -401,9 +405,37 @@ def runtime_container_stats(core: client.CoreV1Api) -> dict[str, dict[str, Any]]
     }
 
 
-def runtime_metrics(pod_ip: str) -> tuple[float, int]:
+def bench_token(api: client.ApiClient, namespace: str, *, send: bool = False, metrics: bool = False) -> str:
+    """A ServiceAccount token for audience waso that may send (a Role) or read /metrics (a ClusterRole)."""
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    name = "bench-metrics" if metrics else "bench-app"
+    core.create_namespaced_service_account(namespace, cast(Any, {"metadata": {"name": name}}))
+    subjects = [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]
+    if send:
+        rules = [{"apiGroups": [GROUP], "resources": ["whatsappsessions/messages"], "verbs": ["create"]}]
+        rbac.create_namespaced_role(namespace, cast(Any, {"metadata": {"name": name}, "rules": rules}))
+        role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        binding: Any = {"metadata": {"name": name}, "roleRef": role_ref, "subjects": subjects}
+        rbac.create_namespaced_role_binding(namespace, binding)
+    if metrics:
+        cluster_name = f"{namespace}-{name}"
+        rules = [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+        rbac.create_cluster_role(cast(Any, {"metadata": {"name": cluster_name}, "rules": rules}))
+        role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name}
+        cluster_binding: Any = {"metadata": {"name": cluster_name}, "roleRef": role_ref, "subjects": subjects}
+        rbac.create_cluster_role_binding(cluster_binding)
+    request: Any = {"spec": {"audiences": ["waso"], "expirationSeconds": 7200}}
+    token: str = core.create_namespaced_service_account_token(name, namespace, request).status.token  # type: ignore[union-attr,assignment]
+    time.sleep(2)  # RBAC's authorizer cache catches up before the first (otherwise cached) refusal
+    return token
+
+
+def runtime_metrics(pod_ip: str, token: str) -> tuple[float, int]:
     """The runtime's own RSS (MiB) and its sessions in any state, from its Prometheus /metrics."""
-    with urllib.request.urlopen(f"http://{pod_ip}:{RUNTIME_PORT}/metrics", timeout=5) as response:
+    request = urllib.request.Request(
+        f"http://{pod_ip}:{RUNTIME_PORT}/metrics", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
         text = response.read().decode()
     rss, sessions = None, 0.0
     for line in text.splitlines():

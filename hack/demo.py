@@ -99,8 +99,9 @@ def run(cluster: LocalCluster, args: argparse.Namespace, started: float, stop: d
     print("  bin/kubectl get was -A -o wide")
     print("  bin/kubectl -n acme logs waso-sessions-0")
     print("  bin/kubectl -n acme port-forward pod/waso-sessions-0 8080:8080 &")
+    print("  TOKEN=$(bin/kubectl -n acme create token app --audience waso)   # the sample's application")
     print("  curl -s -XPOST localhost:8080/v1/sessions/support/messages -H 'Content-Type: application/json' \\")
-    print('       -d \'{"to": "+4915100000000", "text": "hello"}\'')
+    print('       -H "Authorization: Bearer $TOKEN" -d \'{"to": "+4915100000000", "text": "hello"}\'')
     print("Ctrl-C stops the demo and everything it started.", flush=True)
     while not stop["now"]:
         time.sleep(1)

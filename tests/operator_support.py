@@ -149,3 +149,89 @@ def operator_process(
     finally:
         proc.kill()
         proc.wait()
+
+
+API_RULES: list[dict[str, Any]] = [
+    {
+        "apiGroups": [GROUP],
+        "resources": [f"{PLURAL}/messages", f"{PLURAL}/qr", f"{PLURAL}/pairingcode"],
+        "verbs": ["create", "get", "list"],
+    }
+]
+"""Everything the runtime's API offers (waso.session_runtime.auth), for an application of the tenant."""
+
+
+def api_token(
+    api: client.ApiClient, namespace: str, name: str = "app", rules: list[dict[str, Any]] | None = API_RULES,
+    audience: str = "waso",
+) -> str:  # fmt: skip
+    """A ServiceAccount ``name`` with a Role of ``rules`` (none: no Role), and a token for ``audience``.
+
+    Returns once the API server's authorizer grants the rules, so a first request is not refused
+    (and the refusal cached) while RBAC catches up.
+    """
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    with contextlib.suppress(ApiException):
+        core.create_namespaced_service_account(
+            namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name))
+        )
+    if rules:
+        meta = client.V1ObjectMeta(name=name)
+        rbac.create_namespaced_role(namespace, cast(Any, {"metadata": {"name": name}, "rules": rules}))
+        rbac.create_namespaced_role_binding(
+            namespace,
+            client.V1RoleBinding(
+                metadata=meta,
+                role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
+                subjects=[client.RbacV1Subject(kind="ServiceAccount", name=name, namespace=namespace)],
+            ),
+        )
+        first = rules[0]
+        attributes = client.V1ResourceAttributes(
+            namespace=namespace, verb=first["verbs"][0], group=first["apiGroups"][0],
+            resource=first["resources"][0].split("/")[0], subresource=first["resources"][0].partition("/")[2] or None,
+        )  # fmt: skip
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=f"system:serviceaccount:{namespace}:{name}",
+                groups=["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+                resource_attributes=attributes,
+            )
+        )
+        authorization = client.AuthorizationV1Api(api)
+        wait_for(
+            lambda: authorization.create_subject_access_review(review).status.allowed,
+            timeout=30, what=f"RBAC to grant {name} its Role",
+        )  # fmt: skip
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[audience], expiration_seconds=3600)
+    )
+    token: str = core.create_namespaced_service_account_token(name, namespace, request).status.token  # type: ignore[assignment]
+    return token
+
+
+def metrics_token(api: client.ApiClient, namespace: str, name: str = "metrics") -> str:
+    """A token whose ServiceAccount may read ``/metrics`` (a ClusterRole: a Role cannot grant a URL), as Prometheus'."""
+    rbac = client.RbacAuthorizationV1Api(api)
+    cluster_name = f"{namespace}-{name}"  # cluster-scoped: named after the tenant, left with the test cluster
+    role: Any = {"metadata": {"name": cluster_name}, "rules": [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]}
+    rbac.create_cluster_role(role)
+    binding: Any = {
+        "metadata": {"name": cluster_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+    }
+    rbac.create_cluster_role_binding(binding)
+    token = api_token(api, namespace, name, rules=None)
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{namespace}:{name}",
+            non_resource_attributes=client.V1NonResourceAttributes(path="/metrics", verb="get"),
+        )
+    )
+    authorization = client.AuthorizationV1Api(api)
+    wait_for(
+        lambda: authorization.create_subject_access_review(review).status.allowed,
+        timeout=30, what=f"RBAC to let {name} read /metrics",
+    )  # fmt: skip
+    return token

@@ -27,28 +27,37 @@ class Reply:
     body: Any
 
 
-def http_json(method: str, url: str, body: Any = None, raw: bytes | None = None) -> Reply:
+def http_json(
+    method: str, url: str, body: Any = None, raw: bytes | None = None, *, token: str | None = None,
+    content_type: str = "application/json",
+) -> Reply:  # fmt: skip
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
-            payload = response.read()
-            return Reply(response.status, dict(response.headers), json.loads(payload) if payload else None)
+            return Reply(response.status, dict(response.headers), _parsed(response.read()))
     except urllib.error.HTTPError as error:
-        payload = error.read()
-        try:
-            parsed = json.loads(payload)
-        except ValueError:
-            parsed = payload.decode()
-        return Reply(error.code, dict(error.headers), parsed)
+        return Reply(error.code, dict(error.headers), _parsed(error.read()))
+
+
+def _parsed(payload: bytes) -> Any:
+    """JSON, or the text of anything else (metrics); None when empty."""
+    if not payload:
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return payload.decode(errors="replace")
 
 
 class SseStream:
     """A Server-Sent-Events client on a raw connection, so a test can also drop it abruptly."""
 
-    def __init__(self, port: int, path: str, timeout: float = 30) -> None:
+    def __init__(self, port: int, path: str, timeout: float = 30, *, token: str | None = None) -> None:
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        self.connection.request("GET", path, headers={"Accept": "text/event-stream"})
+        headers = {"Accept": "text/event-stream", **({"Authorization": f"Bearer {token}"} if token else {})}
+        self.connection.request("GET", path, headers=headers)
         self.response = self.connection.getresponse()
         self.status = self.response.status
         self.comments = 0

@@ -108,6 +108,8 @@ def apply_samples(release: Release) -> dict[str, str]:
             tenant = doc["metadata"]["namespace"]
             placed[tenant] = release.tenants.namespace(tenant)
             doc["metadata"]["namespace"] = placed[tenant]
+            for subject in doc.get("subjects", []):  # a RoleBinding names its ServiceAccount's namespace
+                subject["namespace"] = placed[subject["namespace"]]
             documents.append(doc)
     kubectl(release.control_plane.kubeconfig, "apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(documents))
     return placed
@@ -167,6 +169,17 @@ def test_samples_installed_by_helm_become_ready_under_pod_security_restricted(re
         assert "Forwarding from 127.0.0.1:" in first, first
         port = int(first.split("127.0.0.1:")[1].split()[0])
         assert http_ok(f"http://127.0.0.1:{port}/readyz")
+        # The runtime in its pod checks an application's token with the API server (the sample's ServiceAccount).
+        token = kubectl(
+            release.control_plane.kubeconfig, "create", "token", "app", "-n", acme, "--audience", "waso"
+        ).stdout.strip()
+        served = next(s for s in list_sessions(release.control_plane.api, acme) if s["status"].get("shard") == 0)
+        url = f"http://127.0.0.1:{port}/v1/sessions/{served['metadata']['name']}/messages"
+        message = {"to": "+4915100000000", "text": "hello from the e2e test"}
+        anonymous = http_json("POST", url, message)
+        assert anonymous.status == 401, anonymous.body
+        sent = http_json("POST", url, message, token=token)
+        assert sent.status == 202, sent.body
     finally:
         forward.kill()
         forward.wait()

@@ -21,7 +21,7 @@ from kubernetes import client, watch
 
 from tests import test_runtime
 from tests.conftest import ControlPlane
-from tests.operator_support import PLURAL, Tenants, condition, create_session, get
+from tests.operator_support import PLURAL, Tenants, api_token, condition, create_session, get
 from tests.runtime_support import Process, SseStream, http_json, start_runtime
 from tests.support import wait_for
 from tests.test_runtime import PHONE, World, _condition_is, _fault
@@ -164,6 +164,8 @@ class Tenant:
     phone: str
     runtime: Process
     data: Path
+    token: str
+    """An application's token for the tenant's runtime API."""
 
 
 def _phone(index: int) -> str:
@@ -171,7 +173,7 @@ def _phone(index: int) -> str:
 
 
 def _pair(simulator_url: str, tenant: Tenant) -> None:
-    stream = SseStream(tenant.runtime.port, "/v1/sessions/s1/qr")
+    stream = SseStream(tenant.runtime.port, "/v1/sessions/s1/qr", token=tenant.token)
     try:
         assert stream.status == 200, tenant.namespace
         qr = stream.until("qr")
@@ -195,7 +197,8 @@ def eleven(
         for index, namespace in enumerate(namespaces):
             data = tmp_path / namespace
             runtime = start_runtime(control_plane.kubeconfig, namespace, 0, data, simulator.url, tmp_path)
-            started.append(Tenant(namespace, _phone(index), runtime, data))
+            token = api_token(control_plane.api, namespace)
+            started.append(Tenant(namespace, _phone(index), runtime, data, token))
         for tenant in started:
             create_session(control_plane.api, tenant.namespace, "s1", tenant.phone)
         for tenant in started:

@@ -51,7 +51,7 @@ from waso.operator.repair import (
     rollback,
     settle,
 )
-from waso.operator.resources import tenant_objects
+from waso.operator.resources import review_binding, review_role, tenant_objects
 from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part, parked_since
 from waso.operator.world import PodFacts, SessionFacts
 from waso.status_writer import Outcome, StatusWriter
@@ -109,6 +109,7 @@ class Controller:
             kube, TenantQuota.KIND, MANAGER, on_write=metrics.STATUS_WRITES.labels(TenantQuota.KIND).inc
         )
         self.applied_tenants: dict[str, str] = {}
+        self.applied_reviews: str | None = None
         self.tenant_retries: dict[str, Retry] = {}
         self.released: set[str] = set()
         self.event_namespace = own_namespace()
@@ -221,6 +222,7 @@ class Controller:
             replicas = replicas_needed(tenant_shards, served)
             has_sessions = namespace in namespaces
             tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions, now))
+        tenant_writes.append(self._ensure_reviews(namespaces))
 
         repairs, repair_plan = self._plan_repairs(sessions, running, honoured, now)
         session_writes = []
@@ -552,6 +554,22 @@ class Controller:
             return  # everything that still exists has let go of the runtime's identity: forget the tenant
         self.applied_tenants[namespace] = fingerprint
         log.info("%d session pod(s)", replicas, extra=about(namespace))
+
+    async def _ensure_reviews(self, tenants: set[str]) -> None:
+        """The runtimes of tenants with sessions may review their callers' tokens and permissions."""
+        objects = [review_role(), review_binding(self.event_namespace, tenants)]
+        fingerprint = json.dumps(objects, sort_keys=True)
+        if self.applied_reviews == fingerprint:
+            return
+        async with self._writes:
+            try:
+                for obj in objects:
+                    await self.kube.apply(obj, MANAGER)
+            except (ApiError, OSError) as error:
+                log.warning("runtime review access not applied: %s", error)
+                self.poke_later(5)
+                return
+        self.applied_reviews = fingerprint
 
 
 def _awaits_erasure(session: SessionFacts) -> bool:

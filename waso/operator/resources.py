@@ -9,6 +9,7 @@ runtime needs in its own namespace.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from waso.api.base import GROUP
@@ -204,6 +205,37 @@ def runtime_role(namespace: str, keep: bool = True) -> dict[str, Any]:
         "kind": "Role",
         "metadata": _access_meta(namespace, keep),
         "rules": RUNTIME_RULES,
+    }
+
+
+REVIEWS = "waso-runtime-reviews"
+REVIEW_RULES: list[dict[str, Any]] = [
+    # Who is calling the runtime's API, and may they? (waso.session_runtime.auth) Cluster-scoped APIs:
+    # a Role cannot grant them, so one ClusterRole, bound to every tenant's runtime ServiceAccount.
+    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+    {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+]
+
+
+def review_role() -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": REVIEWS, "labels": dict(LABELS)},
+        "rules": REVIEW_RULES,
+    }
+
+
+def review_binding(operator_namespace: str, tenants: Iterable[str]) -> dict[str, Any]:
+    """The runtimes of these tenants may ask for reviews; one binding per operator installation."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": f"{REVIEWS}-{operator_namespace}", "labels": dict(LABELS)},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": REVIEWS},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": RUNTIME_ACCOUNT, "namespace": namespace} for namespace in sorted(tenants)
+        ],
     }
 
 

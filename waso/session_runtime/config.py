@@ -48,6 +48,8 @@ class RuntimeConfig(BaseSettings):
     Further unpaired sessions wait for a slot in state Connecting."""
     keep_backups: int = Field(default=3, ge=1, le=100)
     """Credential-store backups kept per session (the operator's repair.keepBackups)."""
+    auth_audiences: tuple[str, ...] = Field(default=("waso",), min_length=1)
+    """Audiences a caller's token must be valid for (TokenReview); WASO_AUTH_AUDIENCES as a JSON list."""
     cgroup_dir: Path = Path("/sys/fs/cgroup")
     """The container's cgroup v2 directory: its memory.current and memory.max are reported with the heartbeat."""
     device_name: str = "waso"

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from waso.api.session import E164_PATTERN, RuntimeState
 from waso.session_runtime import metrics
+from waso.session_runtime.auth import Forbidden, Permission, ReviewUnavailable, Unauthenticated
 from waso.session_runtime.lifecycle import qr_payload
 from waso.session_runtime.ratelimit import RateLimiterUnavailable
 from waso.session_runtime.runtime import Runtime
@@ -186,6 +187,35 @@ async def send_message(request: web.Request) -> web.Response:
     return web.json_response({"id": message_id}, status=202)
 
 
+PERMISSIONS: dict[str, Permission] = {
+    "metrics": Permission("get", path="/metrics"),
+    "qr": Permission("get", "qr"),
+    "pair-code": Permission("create", "pairingcode"),
+    "send": Permission("create", "messages"),
+}
+"""What each route needs (waso.session_runtime.auth); routes not named here (the probes) are open."""
+
+
+@web.middleware
+async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+    """401 without a token the API server accepts for waso, 403 without the route's permission."""
+    permission = PERMISSIONS.get(request.match_info.route.name or "")
+    if permission is not None:
+        authorizer = _runtime(request).authorizer
+        try:
+            await authorizer.check(request.headers.get("Authorization"), permission, request.match_info.get("name"))
+        except Unauthenticated as error:
+            metrics.AUTH_REFUSED.labels("401").inc()
+            raise _error(web.HTTPUnauthorized, str(error), **{"WWW-Authenticate": 'Bearer realm="waso"'}) from None
+        except Forbidden as error:
+            metrics.AUTH_REFUSED.labels("403").inc()
+            raise _error(web.HTTPForbidden, str(error)) from None
+        except ReviewUnavailable as error:
+            raise _error(web.HTTPServiceUnavailable, str(error), **{"Retry-After": "5"}) from None
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Turn aiohttp's own plain-text errors (unknown route, wrong method, body too large) into JSON."""
@@ -199,17 +229,17 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def build_app(runtime: Runtime) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024, middlewares=[json_errors])
+    app = web.Application(client_max_size=64 * 1024, middlewares=[json_errors, authorize])
     app[RUNTIME_KEY] = runtime
     app[STREAMS_KEY] = {"pod": 0, "tenant": 0}
     app.add_routes(
         [
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
-            web.get("/metrics", metrics_endpoint),
-            web.get("/v1/sessions/{name}/qr", qr_stream),
-            web.post("/v1/sessions/{name}/pair-code", pair_code),
-            web.post("/v1/sessions/{name}/messages", send_message),
+            web.get("/metrics", metrics_endpoint, name="metrics"),
+            web.get("/v1/sessions/{name}/qr", qr_stream, name="qr"),
+            web.post("/v1/sessions/{name}/pair-code", pair_code, name="pair-code"),
+            web.post("/v1/sessions/{name}/messages", send_message, name="send"),
         ]
     )
     return app

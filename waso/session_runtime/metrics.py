@@ -10,3 +10,7 @@ RATE_LIMITED = Counter("waso_runtime_messages_rate_limited_total", "Messages ref
 QR_STREAMS = Gauge("waso_runtime_qr_streams", "Open QR Server-Sent-Event streams")
 QR_REFUSED = Counter("waso_runtime_qr_streams_refused_total", "QR streams refused by a cap", ["cap"])
 STATUS_WRITES = Counter("waso_runtime_status_writes_total", "status.runtime server-side applies")
+AUTH_REVIEWS = Counter(
+    "waso_runtime_auth_reviews_total", "TokenReviews and SubjectAccessReviews asked of the API server", ["kind"]
+)
+AUTH_REFUSED = Counter("waso_runtime_auth_refused_total", "API requests refused, by status (401, 403)", ["status"])

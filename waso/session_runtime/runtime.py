@@ -43,6 +43,7 @@ from waso.api.tenancy import (
 )
 from waso.kube import ApiError, KubeClient
 from waso.session_runtime import metrics
+from waso.session_runtime.auth import Authorizer
 from waso.session_runtime.backups import BackupError, backup_store, prune_backups, reset_store, restore_backup
 from waso.session_runtime.config import RuntimeConfig
 from waso.session_runtime.lease_keeper import MANAGER, LeaseKeeper
@@ -98,6 +99,10 @@ class Runtime:
         self.namespace = config.namespace
         self.leases = LeaseKeeper(kube, self.namespace, config.identity, config.lease_seconds, self.clock)
         self.reporter = StatusReporter(kube, self.namespace)
+        self.authorizer = Authorizer(
+            kube.create, self.namespace, config.auth_audiences,
+            on_review=lambda kind: metrics.AUTH_REVIEWS.labels(kind).inc(),
+        )  # fmt: skip
         self.sessions: dict[str, SessionSupervisor] = {}
         self.erasing: dict[str, asyncio.Task[None]] = {}
         self.tenant_quota: TenantQuotaSpec = config.default_quota
