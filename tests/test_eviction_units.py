@@ -322,6 +322,8 @@ def test_memory_pressure_never_parks_an_active_session_and_needs_a_limit() -> No
     assert memory_run(idle, report(0.8)).evictions == ()  # below the pressure fraction
     assert memory_run(idle, MemoryReport("acme", 0, 10**12, 0, NOW)).evictions == ()  # no limit, no pressure
     assert memory_run(idle, report(0.95, shard=1)).evictions == ()  # another pod's report
+    off = EvictionPolicy(enabled=False)
+    assert admit(idle, {s.uid: True for s in idle}, {"acme": 10}, 10, off, NOW, [report(0.99)]).evictions == ()
 
 
 def parked_for_memory(name: str, at: datetime) -> SessionFacts:

@@ -195,6 +195,8 @@ def memory_evictions(
     this parks too few rather than too many). After parking, a pod waits for a report taken
     ``memory_settle`` later before parking more: freed memory reaches the kernel's count late.
     """
+    if not policy.enabled:
+        return ()
     by_shard: dict[tuple[str, int], list[SessionFacts]] = {}
     for session in sessions:
         if session.shard is not None and not session.deleting:
