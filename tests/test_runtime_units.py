@@ -174,3 +174,15 @@ def test_a_failed_status_write_is_made_again_while_the_lease_is_held() -> None:
     asyncio.run(scenario())
     assert stored[-1] == RuntimeState.STOPPED
     assert RuntimeState.CONNECTED in stored
+
+
+def test_the_memory_reported_is_the_working_set_as_kubelet_counts_it(tmp_path: Path) -> None:
+    from waso.session_runtime.runtime import read_memory
+
+    assert read_memory(tmp_path) is None  # no memory controller here (cgroup v1, or not in a container)
+    (tmp_path / "memory.current").write_text("1000000\n")
+    (tmp_path / "memory.max").write_text("max\n")
+    assert read_memory(tmp_path) == (1000000, 0)  # no limit
+    (tmp_path / "memory.max").write_text("4000000\n")
+    (tmp_path / "memory.stat").write_text("anon 600000\nfile 400000\nactive_file 100000\ninactive_file 300000\n")
+    assert read_memory(tmp_path) == (700000, 4000000)  # the inactive file cache is reclaimed before an OOM kill

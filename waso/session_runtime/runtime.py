@@ -360,10 +360,21 @@ class Runtime:
 
 
 def read_memory(cgroup_dir: Path) -> tuple[int, int] | None:
-    """(used, limit) bytes of a cgroup v2 memory controller (limit 0: none); None where there is none."""
+    """(working set, limit) bytes of a cgroup v2 memory controller (limit 0: none); None where there is none.
+
+    The working set is what kubelet and ``kubectl top`` report: usage less the inactive file cache,
+    which the kernel reclaims before it kills anything.
+    """
     try:
         used = int((cgroup_dir / "memory.current").read_text().strip())
         limit_text = (cgroup_dir / "memory.max").read_text().strip()
     except (OSError, ValueError):
         return None
-    return used, (0 if limit_text == "max" else int(limit_text) if limit_text.isdigit() else 0)
+    inactive = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in (cgroup_dir / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "inactive_file":
+                inactive = int(value)
+    limit = 0 if limit_text == "max" else int(limit_text) if limit_text.isdigit() else 0
+    return max(0, used - inactive), limit
