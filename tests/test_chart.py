@@ -284,7 +284,11 @@ def test_operator_works_with_exactly_the_charts_permissions(
     config = tmp_path / "config.yaml"
     config.write_text(core.read_namespaced_config_map("waso-operator", system).data["config.yaml"])
     log = tmp_path / "operator.log"
-    env = {"KUBECONFIG": str(kubeconfig), "WASO_CONFIG": str(config), "WASO_METRICS_PORT": "0"}
+    # As the chart's Deployment sets them (its downward API gives the operator its namespace).
+    env = {
+        "KUBECONFIG": str(kubeconfig), "WASO_CONFIG": str(config), "WASO_METRICS_PORT": "0",
+        "WASO_OPERATOR_NAMESPACE": system,
+    }  # fmt: skip
     tenant = tenants.namespace("acme")
     operator = spawn_waso(["operator", "-n", tenants.pattern], env, log)
     try:

@@ -67,11 +67,15 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+OPERATOR_NAMESPACE_ENV = "WASO_OPERATOR_NAMESPACE"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def own_namespace() -> str:
-    """Where the operator records Events that a tenant namespace refuses (it is being deleted)."""
+    """The operator's namespace: where it records Events a tenant namespace refuses (it is being deleted), and
+    the name of its runtimes' review binding. The chart sets WASO_OPERATOR_NAMESPACE (downward API)."""
+    if namespace := os.environ.get(OPERATOR_NAMESPACE_ENV):
+        return namespace
     try:
         return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
     except OSError:
