@@ -332,6 +332,12 @@ def test_bad_requests_get_clear_4xx(world: World) -> None:
         (call("POST", "/ghost/pair-code"), 404, "not served"),
         (call("GET", "/s1/nothing"), 404, "Not Found"),
         (call("POST", "/s1/messages", raw=b"x" * 70000), 413, "Too Large"),
+        (call("POST", "/s1/messages", raw=b"[" * 50000), 400, "nested too deeply"),
+        (
+            http_json("POST", f"{url}/s1/messages", message, token=world.token, content_type="text/plain"),
+            415,
+            "text/plain",
+        ),
     ]
     for reply, status, text in cases:
         assert reply.status == status, (reply.status, reply.body)

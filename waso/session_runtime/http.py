@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from typing import Any
 
@@ -25,6 +26,7 @@ from waso.session_runtime.runtime import Runtime
 from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import TransportError
 
+log = logging.getLogger("waso.runtime")
 RUNTIME_KEY = web.AppKey("runtime", Runtime)
 STREAMS_KEY = web.AppKey("qr_streams", dict)
 
@@ -153,10 +155,15 @@ async def pair_code(request: web.Request) -> web.Response:
 async def send_message(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     supervisor = _session(request)
+    if request.content_type != "application/json":
+        # A cross-origin browser form may send text/plain without a preflight: only JSON is taken.
+        raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be application/json, not {request.content_type}")
     try:
         payload = await request.json()
     except ValueError:
         raise _error(web.HTTPBadRequest, 'the body must be JSON: {"to": "+4915...", "text": "..."}') from None
+    except RecursionError:
+        raise _error(web.HTTPBadRequest, "the body is nested too deeply to be a message") from None
     try:
         message = SendMessage.model_validate(payload)
     except ValidationError as error:
@@ -218,7 +225,8 @@ async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Turn aiohttp's own plain-text errors (unknown route, wrong method, body too large) into JSON."""
+    """Turn aiohttp's own plain-text errors (unknown route, wrong method, body too large), and any unexpected
+    failure, into the one JSON error shape."""
     try:
         response: web.StreamResponse = await handler(request)
         return response
@@ -226,6 +234,11 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if error.content_type == "application/json" or error.status < 400:
             raise
         return web.json_response({"error": error.reason or error.text or "error"}, status=error.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise  # the client went away: nobody to answer
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error; the runtime's log has the details"}, status=500)
 
 
 def build_app(runtime: Runtime) -> web.Application:
