@@ -321,15 +321,8 @@ def admit(
         if uid in asked.evict:
             handled = record.status.model_copy(update={"handled_evict": asked.evict[uid]})
             if uid in held and not (is_evicted(session) and before.last_reason == EvictionReason.MANUAL):
-                handled = handled.model_copy(
-                    update={
-                        "count": before.count + 1,
-                        "last_reason": EvictionReason.MANUAL,
-                        "slot_taken_by": None,
-                        "idle_since": idle_since(session),
-                    }
-                )
-                record = Evicted(handled, now)
+                manual = Eviction(session, None, EvictionReason.MANUAL, idle_since(session))
+                record = Evicted(evicted_status(handled, manual), now)
             else:
                 record = Evicted(handled, record.at)
         if uid in asked.resume:
