@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane, the node (kubelet, kube-proxy, containerd,
-# CoreDNS, the pause image) and helm from the Go module proxy into bin/.
+# CoreDNS, the pause image), helm and the tests' MongoDB server (FerretDB) from
+# the Go module proxy into bin/.
 #
 # Every binary reports its real version (stamped through ldflags where the
 # upstream build does the same). A binary is rebuilt only when the version it
@@ -69,6 +70,37 @@ build_etcd() {
   require_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
   log "etcd $ETCD_VERSION: building"
   (cd "$root/hack/tools/etcd" && go build -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
+}
+
+build_ferretdb() {
+  # `ferretdb --version` prints the embedded build/version/version.txt, which
+  # FerretDB's Taskfile writes with `git describe` and its module does not ship:
+  # built from the module as it is, the binary panics at start (FerretDB issue
+  # 2982). ldflags cannot set an embedded file, and -overlay may not replace one
+  # in the module cache, so the build uses a copy of the module source (verified
+  # against go.sum by `go mod download`) plus the version.txt `git describe`
+  # gives at the tag. Like upstream's production build: no cgo, no debug tag;
+  # ferretdb_no_postgresql leaves out the PostgreSQL backend (we run SQLite).
+  if reports_version ferretdb --version "version: $FERRETDB_VERSION"; then
+    log "ferretdb $FERRETDB_VERSION: up to date"; return
+  fi
+  local module=github.com/FerretDB/FerretDB
+  require_pin ferretdb "$module" "$FERRETDB_VERSION"
+  log "ferretdb $FERRETDB_VERSION: building"
+  (
+    work="$(mktemp -d)"
+    trap 'chmod -R u+w "$work"; rm -rf "$work"' EXIT
+    cd "$root/hack/tools/ferretdb"
+    go mod download "$module"
+    cp -R "$(go list -m -f '{{.Dir}}' "$module")" "$work/FerretDB"
+    chmod -R u+w "$work/FerretDB"
+    echo "$FERRETDB_VERSION" >"$work/FerretDB/build/version/version.txt"
+    mkdir "$work/build"
+    cp go.mod go.sum "$work/build/"
+    cd "$work/build"
+    go mod edit -replace "$module=../FerretDB"
+    CGO_ENABLED=0 go build -tags ferretdb_no_postgresql -ldflags "-s -w" -o "$bin/ferretdb" "$module/cmd/ferretdb"
+  )
 }
 
 # The Kubernetes version `helm template` assumes without a cluster. Upstream
@@ -176,7 +208,8 @@ build_kubernetes
 build_helm
 build_containerd
 build_coredns
+build_ferretdb
 build_pause
 build_pause_image
 log "done: $(cd "$bin" && echo etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm \
-  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns pause pause.oci.tar)"
+  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns ferretdb pause pause.oci.tar)"

@@ -1,4 +1,5 @@
-"""Fixtures: one real control plane with a real node per test run, a namespace per test, a Redis server.
+"""Fixtures: one real control plane with a real node per test run, a namespace per test, a Redis server, a
+MongoDB-wire server (FerretDB).
 
 Nothing here skips. A missing binary or server is a failure that names the command
 that installs it, because a skipped integration test reads as a passing one.
@@ -19,7 +20,7 @@ from localcluster import LocalCluster
 from processes import ClusterError, die_with_parent
 
 from tests.operator_support import Tenants
-from tests.support import free_port, kubectl, wait_for, which_or_fail
+from tests.support import BIN, free_port, kubectl, wait_for, which_or_fail
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,63 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     try:
         wait_for(answers, timeout=15, what=f"redis-server on port {port}")
         yield RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port)
+    finally:
+        ping.close()
+        proc.kill()
+        proc.wait()
+
+
+@dataclass(frozen=True)
+class MongoServer:
+    url: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoServer]:
+    """FerretDB on SQLite (bin/ferretdb) on a free loopback port, killed with the test run.
+
+    FerretDB 1.24 is no full MongoDB: no TTL indexes, transactions, change streams or $lookup, only
+    $sum and $count in $group, and find_one_and_update/update_one are not atomic across connections.
+    """
+    binary = BIN / "ferretdb"
+    if not binary.exists():
+        raise AssertionError(f"{binary} is missing: run `make tools`")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("mongo")
+    (workdir / "data").mkdir()
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--handler=sqlite",
+            f"--sqlite-url=file:{workdir / 'data'}/",
+            f"--listen-addr=127.0.0.1:{port}",
+            f"--state-dir={workdir}",
+            "--debug-addr=-",
+            "--telemetry=disable",
+            "--log-level=error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+    import pymongo
+    import pymongo.errors
+
+    url = f"mongodb://127.0.0.1:{port}/"
+    ping: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=500)
+
+    def answers() -> bool:
+        try:
+            return bool(ping.admin.command("ping").get("ok"))
+        except pymongo.errors.PyMongoError:
+            if proc.poll() is not None:
+                raise AssertionError(f"ferretdb exited with {proc.returncode}") from None
+            return False
+
+    try:
+        wait_for(answers, timeout=15, what=f"ferretdb on port {port}")
+        yield MongoServer(url=url, port=port)
     finally:
         ping.close()
         proc.kill()

@@ -70,13 +70,15 @@ def test_a_second_paired_never_replaces_stored_credentials() -> None:
 
 def test_activity_is_reported_at_coarse_granularity_on_a_fake_clock() -> None:
     view = SessionView(state=RuntimeState.CONNECTED, jid=JID)
-    view, _ = step(view, IncomingMessage("+15550001", "hi"), T0)
+    view, _ = step(view, IncomingMessage("+15550001", "hi", "3EB01", "15550001@s.whatsapp.net", T0), T0)
     assert runtime_status(view).last_activity_at == T0
     for later in (1, 30, 59):  # within the granularity: the reported time does not move
         view, _ = step(view, Activity(), seconds(later))
         assert runtime_status(view).last_activity_at == T0
         assert view.last_activity == seconds(later)
-    view, _ = step(view, IncomingMessage("+15550001", "again"), T0 + ACTIVITY_GRANULARITY)
+    view, _ = step(
+        view, IncomingMessage("+15550001", "again", "3EB02", "15550001@s.whatsapp.net", T0), T0 + ACTIVITY_GRANULARITY
+    )
     assert runtime_status(view).last_activity_at == T0 + ACTIVITY_GRANULARITY
 
 

@@ -24,6 +24,7 @@ from neonize.aioze.events import (
     LoggedOutEv,
     MessageEv,
     PairStatusEv,
+    ReceiptEv,
     StreamReplacedEv,
     TemporaryBanEv,
 )
@@ -35,10 +36,12 @@ from tests.neonize_offline import FAKE_JID, FAKE_PAIR_CODE, fake_pairing_command
 from waso.session_runtime.neonize_pairing import EXIT_PARENT_GONE, KILL_GRACE
 from waso.session_runtime.neonize_transport import STORE_FILE, NeonizeTransport, jid_text, map_event, stored_jid
 from waso.session_runtime.transport import (
+    AckStatus,
     Connected,
     Disconnected,
     IncomingMessage,
     LoggedOut,
+    MessageAck,
     Paired,
     QrCode,
     SessionIdentity,
@@ -56,6 +59,9 @@ ME = JID(User="4915112345601", Device=53, Server="s.whatsapp.net", RawAgent=0, I
 def roundtrip(event: object) -> object:
     """Serialize and parse, as the events arrive from whatsmeow through the FFI."""
     return type(event).FromString(event.SerializeToString())  # type: ignore[attr-defined]
+
+
+READ_AT = datetime.fromtimestamp(1700000001, UTC)
 
 
 def test_real_neonize_events_map_to_transport_events() -> None:
@@ -81,7 +87,13 @@ def test_real_neonize_events_map_to_transport_events() -> None:
         (TemporaryBanEv(Code=TemporaryBanEv.SEND_TO_TOO_MANY_PEOPLE, Expire=3600),
          TemporaryBan(NOW + timedelta(hours=1), "temporary ban (code 1)")),
         (DisconnectedEv(status=True), Disconnected("disconnected by WhatsApp")),
-        (message, IncomingMessage("15552223333@s.whatsapp.net", "hello")),
+        (message, IncomingMessage("15552223333@s.whatsapp.net", "hello", "3EB0ABC", "15552223333@s.whatsapp.net",
+                                  datetime.fromtimestamp(1700000000, UTC))),
+        (ReceiptEv(MessageSource=message.Info.MessageSource, MessageIDs=["3EB0ABC"], Timestamp=1700000001,
+                   Type=ReceiptEv.READ),
+         MessageAck(("3EB0ABC",), "15552223333@s.whatsapp.net", AckStatus.READ, READ_AT)),
+        (ReceiptEv(MessageSource=message.Info.MessageSource, MessageIDs=["3EB0ABC"], Timestamp=1700000001,
+                   Type=ReceiptEv.RETRY), None),
         (ConnectedEv(status=True), None),  # connection is read from client.me by the transport
     ]  # fmt: skip
     for event, expected in cases:

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from tests.test_decisions import facts
 from waso.operator.placement import assign_shards, replicas_needed
+from waso.session_runtime.backoff import Backoff
 from waso.session_runtime.leases import LeaseAction, LeaseView, lease_action, still_held
 from waso.session_runtime.ratelimit import MemoryRateLimiter, take
-from waso.session_runtime.supervisor import Backoff
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 

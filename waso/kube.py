@@ -50,6 +50,7 @@ RESOURCES: dict[str, Resource] = {
     "ServiceAccount": Resource("v1", "serviceaccounts"),
     "Service": Resource("v1", "services"),
     "Pod": Resource("v1", "pods"),
+    "Secret": Resource("v1", "secrets"),
     "Event": Resource("v1", "events"),
     "Role": Resource("rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": Resource("rbac.authorization.k8s.io/v1", "rolebindings"),

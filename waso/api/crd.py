@@ -19,10 +19,11 @@ from pydantic import BaseModel
 from waso.api.base import GROUP, VERSION, ApiModel
 from waso.api.quota import TenantQuota, TenantQuotaSpec, TenantQuotaStatus
 from waso.api.session import WhatsAppSession, WhatsAppSessionSpec, WhatsAppSessionStatus
+from waso.api.webhook import Webhook, WebhookSpec, WebhookStatus
 
 _ALLOWED_KEYWORDS = {
     "type", "format", "description", "default", "enum", "pattern", "minLength", "maxLength",
-    "minimum", "maximum", "minItems", "maxItems", "items", "properties", "required",
+    "minimum", "maximum", "minItems", "maxItems", "maxProperties", "items", "properties", "required",
     "additionalProperties", "x-kubernetes-validations", "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
 }  # fmt: skip
@@ -114,7 +115,24 @@ QUOTA = ResourceDefinition(
     ),
 )
 
-DEFINITIONS = (SESSION, QUOTA)
+WEBHOOK = ResourceDefinition(
+    model=Webhook,
+    spec=WebhookSpec,
+    status=WebhookStatus,
+    plural=Webhook.PLURAL,
+    singular="webhook",
+    kind=Webhook.KIND,
+    short_names=("wawh",),
+    categories=("waso",),
+    columns=(
+        PrinterColumn("URL", "string", ".spec.url", "The endpoint"),
+        PrinterColumn("Suspended", "boolean", ".spec.suspend", "Deliveries stopped"),
+        AGE,
+        PrinterColumn("Types", "string", ".spec.eventTypes", "Event types sent", 1),
+    ),
+)
+
+DEFINITIONS = (SESSION, QUOTA, WEBHOOK)
 
 
 class SchemaError(ValueError):

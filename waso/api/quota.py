@@ -78,6 +78,10 @@ class TenantQuotaSpec(
     """QR Server-Sent-Event streams open at once for the tenant, at most maxSessions; absent: min(2, maxSessions)."""
     auto_repair: bool = True
     """Repair this tenant's sessions with a broken device identity automatically (within the operator's limits)."""
+    message_retention_days: int = Field(default=30, ge=1, le=3650)
+    """Days the message store keeps this tenant's messages (when the operator has a message store)."""
+    max_stored_messages: int = Field(default=100000, ge=0, le=100_000_000)
+    """Messages the store keeps for this tenant at most; the oldest go first."""
     sessions_per_pod: int = Field(default=20, ge=1, le=500)
     """Sessions served by one session pod (shard)."""
     pod_resources: PodResources = PodResources(

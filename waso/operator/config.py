@@ -110,6 +110,11 @@ class OperatorConfig(BaseSettings):
     """Base URL of the WhatsApp simulator, required with transport=simulator."""
     redis_url: str | None = Field(default=None, pattern=r"^rediss?://")
     """Shared rate-limit store for tenants with more than one session pod."""
+    mongo_url: str | None = Field(default=None, pattern=r"^mongodb(\+srv)?://")
+    """The message store (MongoDB wire protocol, e.g. FerretDB): tenants' messages and the events' outbox. Unset:
+    no messages are kept and events wait in memory only (docs/events.md)."""
+    mongo_pool_size: int = Field(default=10, ge=1, le=1000)
+    """Connections each session pod opens to the message store at most."""
     max_device_id: int | None = Field(default=None, ge=1)
     """Opt-in policy: device numbers above it are reported unhealthy (the old gateway used 10)."""
     volume_size: Quantity = "1Gi"

@@ -15,6 +15,7 @@ from typing import Any
 from waso.api.base import GROUP
 from waso.api.quota import TenantQuota, TenantQuotaSpec
 from waso.api.session import WhatsAppSession
+from waso.api.webhook import Webhook
 from waso.operator.config import OperatorConfig
 from waso.operator.status import RUNTIME_PORT
 
@@ -51,6 +52,9 @@ def runtime_env(config: OperatorConfig, quota: TenantQuotaSpec) -> list[dict[str
         env.append({"name": "WASO_SIMULATOR_URL", "value": config.simulator_url})
     if config.redis_url:
         env.append({"name": "WASO_REDIS_URL", "value": config.redis_url})
+    if config.mongo_url:
+        env.append({"name": "WASO_MONGO_URL", "value": config.mongo_url})
+        env.append({"name": "WASO_MONGO_POOL_SIZE", "value": str(config.mongo_pool_size)})
     return env
 
 
@@ -188,6 +192,10 @@ RUNTIME_RULES: list[dict[str, Any]] = [
         "verbs": ["get", "list", "watch"],
     },
     {"apiGroups": [GROUP], "resources": [f"{WhatsAppSession.PLURAL}/status"], "verbs": ["get", "patch"]},
+    # Events out: the namespace's Webhooks, and this shard's entry in their status. Their signing Secrets are
+    # granted by the tenant, by name (docs/events.md): the operator holds no Secret access to grant.
+    {"apiGroups": [GROUP], "resources": [Webhook.PLURAL], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [GROUP], "resources": [f"{Webhook.PLURAL}/status"], "verbs": ["get", "patch"]},
     {
         "apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"],

@@ -52,6 +52,17 @@ class RuntimeConfig(BaseSettings):
     """Audiences a caller's token must be valid for (TokenReview); WASO_AUTH_AUDIENCES as a JSON list."""
     cgroup_dir: Path = Path("/sys/fs/cgroup")
     """The container's cgroup v2 directory: its memory.current and memory.max are reported with the heartbeat."""
+    mongo_url: str | None = None
+    """The message store (MongoDB wire protocol): messages, and the events' durable outbox. Without it, events wait
+    in a bounded in-memory queue and nothing is kept (docs/events.md)."""
+    mongo_pool_size: int = Field(default=10, ge=1, le=1000)
+    """Connections to the message store this pod opens at most."""
+    event_buffer: int = Field(default=10000, ge=1, le=1_000_000)
+    """Events accepted but not yet in the outbox, and (without a store) events waiting for delivery."""
+    event_status_seconds: float = Field(default=10.0, gt=0)
+    """How often each Webhook's status.deliveries entry of this shard is written (only when it changed)."""
+    prune_seconds: float = Field(default=300.0, gt=0)
+    """How often the tenant's messages are pruned to its retention and size cap."""
     device_name: str = "waso"
     instance: str = Field(default_factory=lambda: secrets.token_hex(4))
     """Distinguishes two processes with the same pod name in lease holder identities."""

@@ -20,6 +20,7 @@ from waso.session_runtime.transport import (
     Disconnected,
     IncomingMessage,
     LoggedOut,
+    MessageAck,
     Paired,
     QrCode,
     StreamReplaced,
@@ -142,6 +143,8 @@ def step(view: SessionView, event: Event, now: datetime) -> tuple[SessionView, l
             return connected, []
         case IncomingMessage() | Activity():
             return _active(view, now), []
+        case MessageAck():
+            return view, []  # a receipt is the other side's activity, not this session's
         case Repaired(report, reset):
             if not reset:  # restored or untouched: the next Connecting reads what the store holds
                 return replace(view, last_repair=report), []

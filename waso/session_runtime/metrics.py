@@ -14,3 +14,20 @@ AUTH_REVIEWS = Counter(
     "waso_runtime_auth_reviews_total", "TokenReviews and SubjectAccessReviews asked of the API server", ["kind"]
 )
 AUTH_REFUSED = Counter("waso_runtime_auth_refused_total", "API requests refused, by status (401, 403)", ["status"])
+EVENTS_DELIVERED = Counter(
+    "waso_runtime_events_delivered_total", "Events a Webhook endpoint took", ["tenant", "webhook"]
+)
+EVENT_FAILURES = Counter(
+    "waso_runtime_event_delivery_failures_total", "Failed delivery attempts (each is retried)", ["tenant", "webhook"]
+)
+EVENT_BACKLOG = Gauge("waso_runtime_event_backlog", "Events waiting for delivery", ["tenant", "webhook"])
+EVENTS_DROPPED = Counter(
+    "waso_runtime_events_dropped_total", "Events lost before the outbox (a full queue)", ["tenant", "reason"]
+)
+STORE_POOL_SIZE = Gauge("waso_runtime_store_pool_max_connections", "The message store's pool size (maxPoolSize)")
+STORE_CONNECTIONS = Gauge(
+    "waso_runtime_store_connections", "Message store connections, open and in use (checked out)", ["state"]
+)
+STORE_CHECKOUT_FAILURES = Counter(
+    "waso_runtime_store_checkout_failures_total", "Waits for a pooled connection that failed", ["reason"]
+)

@@ -35,10 +35,12 @@ from waso.session_runtime.neonize_pairing import (
     remove_store,
 )
 from waso.session_runtime.transport import (
+    AckStatus,
     Connected,
     Disconnected,
     IncomingMessage,
     LoggedOut,
+    MessageAck,
     Paired,
     QrCode,
     SessionIdentity,
@@ -82,6 +84,7 @@ def map_event(event: Any, now: datetime) -> TransportEvent | None:
         LoggedOutEv,
         MessageEv,
         PairStatusEv,
+        ReceiptEv,
         StreamReplacedEv,
         TemporaryBanEv,
     )
@@ -103,9 +106,25 @@ def map_event(event: Any, now: datetime) -> TransportEvent | None:
     if isinstance(event, DisconnectedEv):
         return Disconnected("disconnected by WhatsApp")
     if isinstance(event, MessageEv):
+        info = event.Info
         text = event.Message.conversation or event.Message.extendedTextMessage.text
-        return IncomingMessage(jid_text(event.Info.MessageSource.Sender), text)
+        at = datetime.fromtimestamp(info.Timestamp, UTC) if info.Timestamp else now
+        source = info.MessageSource
+        return IncomingMessage(jid_text(source.Sender), text, info.ID, jid_text(source.Chat), at)
+    if isinstance(event, ReceiptEv):
+        from neonize.proto.Neonize_pb2 import Receipt
+
+        status = RECEIPT_STATUS.get(Receipt.ReceiptType.Name(event.Type))
+        if status is None or not event.MessageIDs:
+            return None  # a retry or a receipt of another device of the account: nothing to report
+        at = datetime.fromtimestamp(event.Timestamp, UTC) if event.Timestamp else now
+        return MessageAck(tuple(event.MessageIDs), jid_text(event.MessageSource.Chat), status, at)
     return None
+
+
+RECEIPT_STATUS = {"DELIVERED": AckStatus.DELIVERED, "READ": AckStatus.READ}
+"""neonize's receipt types that say something about a sent message's progress; the others (SENDER, RETRY,
+READ_SELF, PLAYED, ...) concern other devices or the protocol."""
 
 
 class NeonizeTransport(Transport):
@@ -245,6 +264,7 @@ class NeonizeTransport(Transport):
             LoggedOutEv,
             MessageEv,
             PairStatusEv,
+            ReceiptEv,
             StreamReplacedEv,
             TemporaryBanEv,
         )
@@ -271,7 +291,7 @@ class NeonizeTransport(Transport):
 
         client.qr(on_qr)
         client.event(ConnectedEv)(on_connected)
-        for kind in (PairStatusEv, LoggedOutEv, StreamReplacedEv, TemporaryBanEv, DisconnectedEv, MessageEv):
+        for kind in (PairStatusEv, LoggedOutEv, StreamReplacedEv, TemporaryBanEv, DisconnectedEv, MessageEv, ReceiptEv):
             client.event(kind)(forward)
         try:
             self._connect_task = await client.connect()

@@ -9,19 +9,22 @@ when it changed, keeps a heartbeat Lease for the pod, and serves the HTTP API.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import importlib
 import logging
 import shutil
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pymongo.errors import PyMongoError
 
 from waso import logs
+from waso.api.base import API_VERSION
 from waso.api.conditions import ConditionType, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
 from waso.api.session import (
@@ -41,13 +44,18 @@ from waso.api.tenancy import (
     quota_facts,
     revision,
 )
+from waso.api.webhook import Webhook
 from waso.kube import ApiError, KubeClient
 from waso.session_runtime import metrics
 from waso.session_runtime.auth import Authorizer
+from waso.session_runtime.backoff import Backoff
 from waso.session_runtime.backups import BackupError, backup_store, prune_backups, reset_store, restore_backup
 from waso.session_runtime.config import RuntimeConfig
+from waso.session_runtime.events import EventHub, MemoryOutbox
 from waso.session_runtime.lease_keeper import MANAGER, LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from waso.session_runtime.store import MessageStore
+from waso.session_runtime.streams import stream_slots
 from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import SessionIdentity, Transport, TransportError
 from waso.status_writer import Outcome, Result, StatusWriter
@@ -114,6 +122,26 @@ class Runtime:
             if config.redis_url
             else MemoryRateLimiter()
         )
+        self.stream_slots = stream_slots(config)
+        self.store = (
+            MessageStore(config.mongo_url, self.namespace, config.shard_index, config.mongo_pool_size)
+            if config.mongo_url
+            else None
+        )
+        self.session_labels: dict[str, dict[str, str]] = {}
+        self.events = EventHub(
+            self.namespace,
+            config.shard_index,
+            self.store or MemoryOutbox(config.event_buffer),
+            self.read_secret,
+            lambda name: self.session_labels.get(name, {}),
+            recorder=self.store,
+            transient=(PyMongoError, OSError),
+            intake_capacity=config.event_buffer,
+            clock=self.clock,
+        )
+        self.webhook_status: dict[str, dict[str, Any]] = {}
+        """Per Webhook uid, this shard's deliveries entry as last written."""
         self.http: aiohttp.ClientSession | None = None
         self.pairing_slots = asyncio.Semaphore(config.pairing_workers)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -136,12 +164,14 @@ class Runtime:
     def _on_session(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         if kind == "DELETED":
+            self.session_labels.pop(name, None)
             supervisor = self.sessions.pop(name, None)
             if supervisor is not None:
                 self._spawn(self._retire(name, supervisor), f"retire:{name}", session=name)
             return
         session = WhatsAppSession.model_validate(obj)
         self.reporter.observe(session)
+        self.session_labels[name] = dict(session.metadata.labels or {})
         supervisor = self.sessions.get(name)
         if supervisor is None:
             identity = SessionIdentity(
@@ -152,7 +182,13 @@ class Runtime:
                 store_dir=self.config.data_dir / "sessions" / name,
             )
             supervisor = SessionSupervisor(
-                identity, self.make_transport, self.leases, self.reporter, self.clock, repairer=self.repair_store
+                identity,
+                self.make_transport,
+                self.leases,
+                self.reporter,
+                self.clock,
+                repairer=self.repair_store,
+                emit=self.events.emit,
             )
             observed = session.status.runtime if session.status else None
             if observed is not None:  # a repair done before this process started is not done again
@@ -266,30 +302,103 @@ class Runtime:
             self._on_session("MODIFIED", item)
         self.synced.set()
 
-    async def _watch_sessions(self) -> None:
+    async def _watch(
+        self,
+        kind: str,
+        selector: str | None,
+        on_sync: Callable[[list[dict[str, Any]]], Awaitable[None] | None],
+        on_event: Callable[[str, dict[str, Any]], Awaitable[None] | None],
+    ) -> None:
         """List, then watch from the list's resourceVersion; list again after 410 Gone or a failure."""
-        selector = f"{SHARD_LABEL}={self.config.shard_index}"
         resource_version: str | None = None
         while True:
             try:
                 if resource_version is None:
-                    listing = await self.kube.list(WhatsAppSession.KIND, self.namespace, selector)
+                    listing = await self.kube.list(kind, self.namespace, selector)
                     resource_version = listing["metadata"]["resourceVersion"]
-                    self._on_sync(listing["items"])
-                events = self.kube.watch(WhatsAppSession.KIND, self.namespace, resource_version, selector)
-                async for kind, obj in events:
+                    await _maybe(on_sync(listing["items"]))
+                events = self.kube.watch(kind, self.namespace, resource_version, selector)
+                async for event, obj in events:
                     resource_version = obj["metadata"]["resourceVersion"]
-                    if kind != "BOOKMARK":
-                        self._on_session(kind, obj)
+                    if event != "BOOKMARK":
+                        await _maybe(on_event(event, obj))
             except ApiError as error:
                 resource_version = None
                 if error.status != 410:
-                    log.warning("session watch failed: %s", error)
+                    log.warning("%s watch failed: %s", kind, error)
                     await asyncio.sleep(2)
             except (OSError, ValueError, TimeoutError) as error:
                 resource_version = None
-                log.warning("session watch failed: %s", error)
+                log.warning("%s watch failed: %s", kind, error)
                 await asyncio.sleep(2)
+
+    # -- events out -------------------------------------------------------------------------
+
+    async def read_secret(self, name: str, key: str) -> bytes:
+        secret = await self.kube.get("Secret", self.namespace, name)
+        value = (secret.get("data") or {}).get(key)
+        if value is None:
+            raise KeyError(f"Secret {name} has no key {key!r}")
+        return base64.b64decode(value)
+
+    async def _on_webhook(self, kind: str, obj: dict[str, Any]) -> None:
+        uid = obj["metadata"].get("uid") or obj["metadata"]["name"]
+        if kind == "DELETED":
+            self.webhook_status.pop(uid, None)
+            await self.events.remove(uid)
+            return
+        try:
+            webhook = Webhook.model_validate(obj)
+        except ValueError as error:  # the API server validated it: only a newer schema could get here
+            log.warning("Webhook %s not understood: %s", obj["metadata"]["name"], error)
+            return
+        await self.events.update(webhook)
+
+    async def _on_webhook_sync(self, items: list[dict[str, Any]]) -> None:
+        listed = {item["metadata"].get("uid") or item["metadata"]["name"] for item in items}
+        for uid in set(self.events.endpoints) - listed:
+            await self._on_webhook("DELETED", {"metadata": {"name": uid, "uid": uid}})
+        for item in items:
+            await self._on_webhook("MODIFIED", item)
+
+    async def _report_deliveries(self) -> None:
+        """This shard's entry in each Webhook's status.deliveries, written when it changed; keys re-read."""
+        manager = f"{MANAGER}-{self.config.shard_index}"
+        rounds = 0
+        while True:
+            await asyncio.sleep(self.config.event_status_seconds)
+            rounds += 1
+            try:
+                if rounds % 6 == 0:
+                    await self.events.refresh_keys()
+                for webhook, stats in await self.events.report():
+                    uid = webhook.metadata.uid or webhook.metadata.name
+                    entry = stats.to_wire()
+                    if self.webhook_status.get(uid) == entry:
+                        continue
+                    patch = {
+                        "apiVersion": API_VERSION,
+                        "kind": Webhook.KIND,
+                        "metadata": {"name": webhook.metadata.name, "namespace": self.namespace},
+                        "status": {"deliveries": [entry]},
+                    }
+                    await self.kube.apply(patch, manager, subresource="status")
+                    self.webhook_status[uid] = entry
+            except (ApiError, OSError, PyMongoError) as error:
+                log.warning("webhook status not written: %s", error)
+
+    async def _prune_messages(self) -> None:
+        """The tenant's retention and size cap (TenantQuota), enforced by every shard (it is idempotent)."""
+        assert self.store is not None
+        while True:
+            quota = self.tenant_quota
+            try:
+                removed = await self.store.prune(quota.message_retention_days, quota.max_stored_messages, self.clock())
+                if removed:
+                    log.info("message store: %d message(s) past retention or the size cap removed", removed)
+            except PyMongoError as error:
+                log.warning("message store not pruned: %s", error)
+            await asyncio.sleep(self.config.prune_seconds)
 
     async def _poll_quota(self) -> None:
         """The namespace's TenantQuota (oldest wins), re-read periodically: it changes rarely."""
@@ -323,9 +432,28 @@ class Runtime:
             # Loading neonize (Go runtime included) takes seconds: in a thread, not on the event loop.
             await asyncio.to_thread(importlib.import_module, "waso.session_runtime.neonize_transport")
             await asyncio.to_thread(importlib.import_module, "neonize.aioze.client")
-        self._spawn(self._watch_sessions(), "session-watch")
+        if self.store is not None:
+            self._spawn(self._prepare_store(), "store")
+        self.events.start(self.http)
+        selector = f"{SHARD_LABEL}={self.config.shard_index}"
+        self._spawn(self._watch(WhatsAppSession.KIND, selector, self._on_sync, self._on_session), "session-watch")
+        self._spawn(self._watch(Webhook.KIND, None, self._on_webhook_sync, self._on_webhook), "webhook-watch")
+        self._spawn(self._report_deliveries(), "webhook-status")
         self._spawn(self._poll_quota(), "quota")
         self._spawn(self._heartbeat(), "heartbeat")
+
+    async def _prepare_store(self) -> None:
+        """Indexes, retried until the store answers; then the pruning loop."""
+        assert self.store is not None
+        backoff = Backoff(base=1.0, cap=30.0)
+        while True:
+            try:
+                await self.store.setup()
+                break
+            except PyMongoError as error:
+                log.warning("message store not reachable: %s", error)
+                await asyncio.sleep(backoff.next())
+        await self._prune_messages()
 
     async def _namespace_terminating(self) -> bool:
         try:
@@ -357,6 +485,10 @@ class Runtime:
             await self.http.close()
         if isinstance(self.limiter, RedisRateLimiter):
             await self.limiter.close()
+        await self.stream_slots.close()
+        await self.events.stop()
+        if self.store is not None:
+            await self.store.close()
 
 
 def read_memory(cgroup_dir: Path) -> tuple[int, int] | None:
@@ -378,3 +510,8 @@ def read_memory(cgroup_dir: Path) -> tuple[int, int] | None:
                 inactive = int(value)
     limit = 0 if limit_text == "max" else int(limit_text) if limit_text.isdigit() else 0
     return max(0, used - inactive), limit
+
+
+async def _maybe(result: Awaitable[None] | None) -> None:
+    if result is not None:
+        await result

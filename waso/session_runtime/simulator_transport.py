@@ -19,6 +19,7 @@ import hmac
 import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,10 +32,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from waso.api.jid import parse_jid
 from waso.session_runtime.neonize_transport import STORE_FILE
 from waso.session_runtime.transport import (
+    AckStatus,
     Connected,
     Disconnected,
     IncomingMessage,
     LoggedOut,
+    MessageAck,
     Paired,
     QrCode,
     SessionIdentity,
@@ -186,7 +189,14 @@ class SimulatorTransport(Transport):
         elif kind == "connected":
             self.events.put_nowait(Connected(frame["jid"], frame.get("pushName")))
         elif kind == "message":
-            self.events.put_nowait(IncomingMessage(frame.get("from", ""), frame.get("text", "")))
+            sender = str(frame.get("from", ""))
+            at = datetime.fromtimestamp(float(frame.get("at") or time.time()), UTC)
+            chat = str(frame.get("chat") or sender)
+            self.events.put_nowait(IncomingMessage(sender, str(frame.get("text", "")), str(frame["id"]), chat, at))
+        elif kind == "receipt":
+            status = AckStatus(frame.get("status", "delivered"))
+            ids = tuple(str(i) for i in frame.get("ids", ()))
+            self.events.put_nowait(MessageAck(ids, str(frame.get("chat", "")), status, datetime.now(UTC)))
         elif kind in ("pair_code", "ack"):
             future = self._pending.pop(str(frame.get("ref", kind)), None)
             if future is not None and not future.done():

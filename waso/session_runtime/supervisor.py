@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from waso import logs
 from waso.api.session import RepairReport, RepairRequest, RuntimeState, RuntimeStatus
+from waso.session_runtime import events
+from waso.session_runtime.backoff import Backoff
+from waso.session_runtime.events import SessionEvent
 from waso.session_runtime.lease_keeper import session_lease_name
 from waso.session_runtime.leases import still_held
 from waso.session_runtime.lifecycle import (
@@ -33,26 +35,16 @@ from waso.session_runtime.lifecycle import (
     runtime_status,
     step,
 )
-from waso.session_runtime.transport import Disconnected, QrCode, SessionIdentity, Transport
+from waso.session_runtime.transport import (
+    Disconnected,
+    IncomingMessage,
+    MessageAck,
+    QrCode,
+    SessionIdentity,
+    Transport,
+)
 
 log = logging.getLogger("waso.runtime")
-
-
-class Backoff:
-    """Exponential back-off with full jitter, reset after a successful connection."""
-
-    def __init__(self, base: float = 1.0, cap: float = 60.0, rng: random.Random | None = None) -> None:
-        self.base, self.cap = base, cap
-        self.attempt = 0
-        self.rng = rng or random.Random()
-
-    def next(self) -> float:
-        ceiling = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return self.rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class Leases(Protocol):
@@ -87,6 +79,7 @@ class SessionSupervisor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         backoff: Backoff | None = None,
         repairer: Repairer | None = None,
+        emit: Callable[[SessionEvent], None] = lambda event: None,
     ) -> None:
         self.identity = identity
         self.transport_factory = transport_factory
@@ -109,6 +102,8 @@ class SessionSupervisor:
         self.task: asyncio.Task[None] | None = None
         self._reporting = asyncio.Lock()
         self.repairer = repairer
+        self.emit = emit
+        """Hands the session's events to the runtime's EventHub (which never makes a session wait)."""
         self.pending_repair: RepairRequest | None = None
         self.repairing: str | None = None
         """The id of the repair being carried out (a watch event meanwhile must not queue it again)."""
@@ -252,15 +247,27 @@ class SessionSupervisor:
     async def _apply(self, event: Event) -> float | None:
         """Step the state machine, carry out its actions, report; a delay when the connection ended."""
         before = self.view
-        self.view, actions = step(before, event, self.clock())
+        now = self.clock()
+        self.view, actions = step(before, event, now)
+        name = self.identity.name
+        if isinstance(event, IncomingMessage):
+            self.emit(events.message_received(name, event))
+        elif isinstance(event, MessageAck):
+            self.emit(events.message_acked(name, event))
         if self.view.state != before.state:
             log.info("%s%s", self.view.state.value, _detail(self.view))
+            view = self.view
+            self.emit(events.status_changed(name, view.state.value, view.jid, view.last_error, now))
         if self.view.state == RuntimeState.CONNECTED:
             self.backoff.reset()
         delay = None
         for action in actions:
             if isinstance(action, Notify):
                 self._notify(action.event, action.data)
+                if action.event == "qr":
+                    self.emit(events.qr_offered(name, action.data, now))
+                elif action.event == "paired":
+                    self.emit(events.paired(name, str(action.data["jid"]), now))
             else:
                 delay = max(action.minimum, self.backoff.next())
         await self.report()

@@ -13,6 +13,7 @@ import abc
 import asyncio
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 
 
@@ -58,10 +59,40 @@ class TemporaryBan:
 class IncomingMessage:
     sender: str
     text: str
+    id: str
+    """WhatsApp's message id (stable: a redelivered message has the same one)."""
+    chat: str
+    """The chat's JID: the sender's for a direct message, the group's in a group."""
+    at: datetime
+
+
+class AckStatus(StrEnum):
+    SERVER = "server"
+    """WhatsApp's server took the message."""
+    DELIVERED = "delivered"
+    READ = "read"
+
+
+@dataclass(frozen=True)
+class MessageAck:
+    """A receipt for a message this session sent."""
+
+    ids: tuple[str, ...]
+    chat: str
+    status: AckStatus
+    at: datetime
 
 
 TransportEvent = (
-    QrCode | Paired | Connected | Disconnected | LoggedOut | StreamReplaced | TemporaryBan | IncomingMessage
+    QrCode
+    | Paired
+    | Connected
+    | Disconnected
+    | LoggedOut
+    | StreamReplaced
+    | TemporaryBan
+    | IncomingMessage
+    | MessageAck
 )
 """Disconnected, LoggedOut, StreamReplaced and TemporaryBan end a connection attempt."""
 

@@ -335,7 +335,7 @@ class Simulator:
                 break
             elif kind == "send" and conn.device is not None:
                 record = {
-                    "id": next(self._ids),
+                    "id": _message_id(),
                     "from": account.phone,
                     "jid": conn.device.jid(account.phone),
                     "to": message.get("to"),
@@ -344,6 +344,9 @@ class Simulator:
                 }
                 self.sent.append(record)
                 await conn.ws.send_json({"type": "ack", "ref": message.get("ref"), "id": record["id"]})
+                # The recipient's phone confirms at once: a receipt, as WhatsApp sends one per message.
+                chat = f"{str(record['to']).removeprefix('+')}@s.whatsapp.net"
+                await conn.ws.send_json({"type": "receipt", "ids": [record["id"]], "chat": chat, "status": "delivered"})
 
     # -- the phone's side and the operator of the sandbox ---------------------------------
 
@@ -405,12 +408,20 @@ class Simulator:
     async def inbound(self, request: web.Request) -> web.Response:
         phone = request.match_info["phone"]
         body = await _json(request)
+        sender = str(body.get("from", "+10000000000"))
+        sender_jid = f"{sender.removeprefix('+')}@s.whatsapp.net"
+        frame = {
+            "type": "message",
+            "id": str(body.get("id") or _message_id()),
+            "from": sender,
+            "chat": str(body.get("chat") or sender_jid),
+            "text": str(body.get("text", "")),
+            "at": time.time(),
+        }
         targets = [s for s in self.sockets if s.phone == phone and s.device is not None]
         for conn in targets:
-            await conn.ws.send_json(
-                {"type": "message", "from": body.get("from", "+10000000000"), "text": body.get("text", "")}
-            )
-        return web.json_response({"delivered": len(targets)})
+            await conn.ws.send_json(frame)
+        return web.json_response({"delivered": len(targets), "id": frame["id"]})
 
     async def fault(self, request: web.Request) -> web.Response:
         phone = request.match_info["phone"]
@@ -568,6 +579,11 @@ def _key(value: object) -> bytes | None:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _message_id() -> str:
+    """A message id as WhatsApp Web writes them (3EB0 and hex)."""
+    return f"3EB0{secrets.token_hex(8).upper()}"
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
