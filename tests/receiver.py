@@ -110,7 +110,7 @@ def running_receiver(key: bytes = SIGNING_KEY) -> Iterator[Receiver]:
     async def setup() -> None:
         app = web.Application()
         app.router.add_post("/events", receiver._handle)
-        receiver._runner = web.AppRunner(app, shutdown_timeout=1)
+        receiver._runner = web.AppRunner(app, shutdown_timeout=1, access_log=None)
         await receiver._runner.setup()
 
     asyncio.run_coroutine_threadsafe(setup(), loop).result(10)

@@ -21,6 +21,7 @@ from waso.session_runtime.transport import (
     IncomingMessage,
     LoggedOut,
     MessageAck,
+    OutgoingMessage,
     Paired,
     QrCode,
     StreamReplaced,
@@ -141,7 +142,7 @@ def step(view: SessionView, event: Event, now: datetime) -> tuple[SessionView, l
                 qr=None,
             )
             return connected, []
-        case IncomingMessage() | Activity():
+        case IncomingMessage() | OutgoingMessage() | Activity():
             return _active(view, now), []
         case MessageAck():
             return view, []  # a receipt is the other side's activity, not this session's

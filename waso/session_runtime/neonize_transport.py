@@ -41,6 +41,7 @@ from waso.session_runtime.transport import (
     IncomingMessage,
     LoggedOut,
     MessageAck,
+    OutgoingMessage,
     Paired,
     QrCode,
     SessionIdentity,
@@ -328,6 +329,8 @@ class NeonizeTransport(Transport):
             response = await self.client.send_message(build_jid(to.removeprefix("+")), Message(conversation=text))
         except Exception as error:
             raise TransportError(str(error)) from error
+        # Receipts come from the recipient's phone, well after the server's answer that ends send_message.
+        self.events.put_nowait(OutgoingMessage(str(response.ID), to, text, datetime.now(UTC)))
         return str(response.ID)
 
     async def request_pair_code(self) -> str:

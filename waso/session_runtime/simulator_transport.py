@@ -38,6 +38,7 @@ from waso.session_runtime.transport import (
     IncomingMessage,
     LoggedOut,
     MessageAck,
+    OutgoingMessage,
     Paired,
     QrCode,
     SessionIdentity,
@@ -115,6 +116,8 @@ class SimulatorTransport(Transport):
         self._task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._refs = 0
+        self._sending: dict[str, tuple[str, str]] = {}
+        """Messages sent and not yet acknowledged, by ref: (to, text)."""
         self._keys: DeviceKeys | None = None
         """The device of this connection when it logs in by keys."""
 
@@ -198,7 +201,11 @@ class SimulatorTransport(Transport):
             ids = tuple(str(i) for i in frame.get("ids", ()))
             self.events.put_nowait(MessageAck(ids, str(frame.get("chat", "")), status, datetime.now(UTC)))
         elif kind in ("pair_code", "ack"):
-            future = self._pending.pop(str(frame.get("ref", kind)), None)
+            ref = str(frame.get("ref", kind))
+            future = self._pending.pop(ref, None)
+            sending = self._sending.pop(ref, None)
+            if sending is not None:  # here, so that it is queued before the receipt that follows this frame
+                self.events.put_nowait(OutgoingMessage(str(frame["id"]), *sending, datetime.now(UTC)))
             if future is not None and not future.done():
                 future.set_result(frame)
         elif kind == "logged_out":
@@ -235,7 +242,11 @@ class SimulatorTransport(Transport):
     async def send_text(self, to: str, text: str) -> str:
         self._refs += 1
         ref = f"m{self._refs}"
-        answer = await self._request({"type": "send", "ref": ref, "to": to, "text": text}, ref)
+        self._sending[ref] = (to, text)
+        try:
+            answer = await self._request({"type": "send", "ref": ref, "to": to, "text": text}, ref)
+        finally:
+            self._sending.pop(ref, None)
         return str(answer["id"])
 
     async def request_pair_code(self) -> str:

@@ -39,6 +39,7 @@ from waso.session_runtime.transport import (
     Disconnected,
     IncomingMessage,
     MessageAck,
+    OutgoingMessage,
     QrCode,
     SessionIdentity,
     Transport,
@@ -252,6 +253,8 @@ class SessionSupervisor:
         name = self.identity.name
         if isinstance(event, IncomingMessage):
             self.emit(events.message_received(name, event))
+        elif isinstance(event, OutgoingMessage):
+            self.emit(events.message_sent(name, event.id, event.to, event.text, event.at))
         elif isinstance(event, MessageAck):
             self.emit(events.message_acked(name, event))
         if self.view.state != before.state:

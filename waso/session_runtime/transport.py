@@ -66,6 +66,16 @@ class IncomingMessage:
     at: datetime
 
 
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """WhatsApp took a message this session sent (queued before its receipts can be)."""
+
+    id: str
+    to: str
+    text: str
+    at: datetime
+
+
 class AckStatus(StrEnum):
     SERVER = "server"
     """WhatsApp's server took the message."""
@@ -92,6 +102,7 @@ TransportEvent = (
     | StreamReplaced
     | TemporaryBan
     | IncomingMessage
+    | OutgoingMessage
     | MessageAck
 )
 """Disconnected, LoggedOut, StreamReplaced and TemporaryBan end a connection attempt."""
@@ -132,7 +143,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def send_text(self, to: str, text: str) -> str:
-        """Send a text message; returns the message id."""
+        """Send a text message; returns the message id, and queues an OutgoingMessage before any receipt of it."""
 
     @abc.abstractmethod
     async def request_pair_code(self) -> str:
