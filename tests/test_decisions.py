@@ -315,6 +315,12 @@ def test_runtime_role_is_namespaced_and_cannot_change_specs() -> None:
     ]  # fmt: skip
     session_rules = [r for r in RUNTIME_RULES if "whatsappsessions" in r["resources"]]
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in session_rules)
+    webhook_rules = [r for r in RUNTIME_RULES if "webhooks" in r["resources"]]
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in webhook_rules)
+    # No Secret at all: the tenant grants the one signing key by name (docs/events.md).
+    assert not [r for r in RUNTIME_RULES if "secrets" in r["resources"]]
+    status_rules = [r for r in RUNTIME_RULES if any(x.endswith("/status") for x in r["resources"])]
+    assert {x for r in status_rules for x in r["resources"]} == {"whatsappsessions/status", "webhooks/status"}
 
 
 # -- configuration ---------------------------------------------------------------------------
