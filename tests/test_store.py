@@ -68,12 +68,13 @@ async def test_messages_are_kept_once_and_acks_only_move_forward(stores: StoreFa
     assert page.next is None
 
 
-async def test_pages_cover_ten_thousand_messages_exactly_once_in_order(stores: StoreFactory) -> None:
+async def test_pages_cover_every_message_exactly_once_in_order(stores: StoreFactory) -> None:
+    """(The read API pages through 10,000 in test_events.)"""
     store = stores("acme", 0)
     await store.setup()
     chats = ["1555000100@s.whatsapp.net", "1555000200@s.whatsapp.net"]
     # Many messages share a millisecond: the cursor must break ties by key, not skip or repeat them.
-    events = [inbound(n, chats[n % 2], T0 + timedelta(milliseconds=n // 7)) for n in range(10_000)]
+    events = [inbound(n, chats[n % 2], T0 + timedelta(milliseconds=n // 7)) for n in range(2_000)]
     await record_all(store, events)
     seen: list[str] = []
     cursor: str | None = None
@@ -87,7 +88,7 @@ async def test_pages_cover_ten_thousand_messages_exactly_once_in_order(stores: S
         cursor = page.next
     expected = [e.data["id"] for e in sorted(events, key=lambda e: (e.time, f"acme/s1/{e.data['id']}"))]
     assert seen == expected
-    assert pages == 20
+    assert pages == 4
     window = await store.page(
         "s1", chat=chats[1], since=T0 + timedelta(milliseconds=100), until=T0 + timedelta(milliseconds=200), limit=500
     )
