@@ -8,8 +8,10 @@ dead endpoint and a killed runtime.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,11 +19,14 @@ from kubernetes import client
 
 from tests import test_runtime
 from tests.conftest import MongoServer
-from tests.operator_support import get
+from tests.operator_support import api_token, get
 from tests.receiver import SIGNING_KEY, Receiver, running_receiver
 from tests.runtime_support import Process, http_json
 from tests.support import wait_for
 from tests.test_runtime import PHONE, World
+from waso.session_runtime.events import SessionEvent, message_received
+from waso.session_runtime.store import MessageStore
+from waso.session_runtime.transport import IncomingMessage
 
 simulator = test_runtime.simulator
 operator = test_runtime.operator
@@ -165,3 +170,59 @@ def test_a_dead_endpoint_does_not_hold_back_another(world: World, receiver: Rece
         held = wait_for(lambda: (d := deliveries(world, "dead")).get("backlog") == 30 and d, timeout=30, what="dead")
         assert held["delivered"] == 0
         assert dead.attempts == 0
+
+
+def test_the_read_api_pages_through_ten_thousand_messages(world: World, mongo_server: MongoServer) -> None:
+    """Messages the runtime kept (one inbound through the whole path) and 10,000 more written to the same store."""
+    url = f"{mongo_server.url.rstrip('/')}/{world.namespace}"
+    runtime = connected_runtime(world, {"WASO_MONGO_URL": url})
+    first = inbound(world, 0)
+    messages = f"{runtime.url}/v1/sessions/s1/messages"
+    kept = wait_for(lambda: (r := http_json("GET", messages, token=world.token)).body.get("items") and r, timeout=30,
+                    what="the inbound message in the store")  # fmt: skip
+    (item,) = kept.body["items"]
+    assert (item["text"], item["direction"], item["chat"]) == (first, "in", "15550001@s.whatsapp.net")
+
+    base = datetime.fromisoformat(item["at"].replace("Z", "+00:00")) + timedelta(seconds=1)
+    seeded = [
+        message_received("s1", IncomingMessage("+1555", f"x{n}", f"3EB1{n:06d}", f"c{n % 3}@s.whatsapp.net",
+                                               base + timedelta(milliseconds=n // 5)))
+        for n in range(10_000)
+    ]  # fmt: skip
+    asyncio.run(_seed(url, world.namespace, seeded))
+
+    ids: list[str] = []
+    cursor = ""
+    pages = 0
+    while True:
+        page = http_json("GET", f"{messages}?limit=500{cursor}", token=world.token)
+        assert page.status == 200, page.body
+        ids += [m["id"] for m in page.body["items"]]
+        pages += 1
+        if "next" not in page.body:
+            break
+        cursor = f"&cursor={page.body['next']}"
+    assert pages == 21  # 10,001 messages, 500 at a time
+    assert ids[1:] == [e.data["id"] for e in sorted(seeded, key=lambda e: (e.time, e.data["id"]))]
+    assert len(set(ids)) == 10_001
+
+    chat = http_json("GET", f"{messages}?chat=c1@s.whatsapp.net&limit=5", token=world.token)
+    assert [m["text"] for m in chat.body["items"]] == ["x1", "x4", "x7", "x10", "x13"]
+    bad = http_json("GET", f"{messages}?cursor=forged", token=world.token)
+    assert bad.status == 400
+    assert "cursor" in bad.body["error"]
+    listing = api_token(world.api, world.namespace, "sender-only",
+                        rules=[{"apiGroups": ["waso.dev"], "resources": ["whatsappsessions/messages"],
+                                "verbs": ["create"]}])  # fmt: skip
+    refused = http_json("GET", messages, token=listing)
+    assert refused.status == 403
+    assert "may not list whatsappsessions/messages" in refused.body["error"]
+
+
+async def _seed(url: str, tenant: str, events: list[SessionEvent]) -> None:
+    store = MessageStore(url, tenant, 0)
+    try:
+        for start in range(0, len(events), 500):
+            await store.record(events[start : start + 500])
+    finally:
+        await store.close()

@@ -1,8 +1,13 @@
 """The runtime's HTTP API: probes, metrics, QR stream (Server-Sent Events), pairing code, messages.
 
 Every malformed request gets a 4xx with a JSON ``{"error": ...}`` that says what is
-wrong. SSE is written by hand (a dozen lines) rather than through aiohttp-sse, because
-the stream needs its own caps, keep-alive and timeout handling anyway.
+wrong (``json_errors`` also turns aiohttp's own 404, 405 and 413 into that shape); only
+``application/json`` bodies are read (415 otherwise), so a cross-origin form cannot send.
+
+The QR stream is Server-Sent Events through aiohttp-sse (framing, keep-alive pings, a send
+timeout that aborts a client that stopped reading). What is ours: the caps (the pod's, and
+the tenant's maxPairingStreams over all its shards, in ``streams``), the stream's timeout,
+and noticing a client that left while nothing was being written.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 from typing import Any
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,12 +29,14 @@ from waso.session_runtime.auth import Forbidden, Permission, ReviewUnavailable, 
 from waso.session_runtime.lifecycle import qr_payload
 from waso.session_runtime.ratelimit import RateLimiterUnavailable
 from waso.session_runtime.runtime import Runtime
+from waso.session_runtime.streams import Refused, Slot, SlotsUnavailable
 from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import TransportError
 
 log = logging.getLogger("waso.runtime")
+DISCONNECT_POLL_SECONDS = 0.25
+"""How often a QR stream checks that its client is still connected (see ``_pairing_events``)."""
 RUNTIME_KEY = web.AppKey("runtime", Runtime)
-STREAMS_KEY = web.AppKey("qr_streams", dict)
 
 
 class SendMessage(BaseModel):
@@ -76,8 +84,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _data(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"))
 
 
 async def qr_stream(request: web.Request) -> web.StreamResponse:
@@ -87,57 +95,87 @@ async def qr_stream(request: web.Request) -> web.StreamResponse:
         raise _error(web.HTTPConflict, "the session is already paired and connected")
     if not supervisor.wanted.is_set():
         raise _error(web.HTTPConflict, "the session is not running (not admitted or suspended)")
-    streams: dict[str, int] = request.app[STREAMS_KEY]
+    slots = runtime.stream_slots
     tenant_cap = runtime.tenant_quota.pairing_streams_limit
-    if streams["pod"] >= runtime.config.max_qr_streams:
-        metrics.QR_REFUSED.labels("pod").inc()
-        raise _error(
-            web.HTTPTooManyRequests, f"this pod already serves {streams['pod']} QR streams", **{"Retry-After": "10"}
+    try:
+        slot = await slots.acquire(runtime.namespace, tenant_cap)
+    except Refused as refused:
+        metrics.QR_REFUSED.labels(refused.cap).inc()
+        message = (
+            f"this pod already serves {refused.open} QR streams"
+            if refused.cap == "pod"
+            else f"the tenant already has {refused.open} of {refused.limit} QR streams open "
+            "(TenantQuota maxPairingStreams)"
         )
-    if streams["tenant"] >= tenant_cap:
-        metrics.QR_REFUSED.labels("tenant").inc()
+        raise _error(web.HTTPTooManyRequests, message, **{"Retry-After": "10"}) from None
+    except SlotsUnavailable as error:
         raise _error(
-            web.HTTPTooManyRequests,
-            f"the tenant already has {streams['tenant']} of {tenant_cap} QR streams open "
-            "(TenantQuota maxPairingStreams)",
-            **{"Retry-After": "10"},
-        )
-    streams["pod"] += 1
-    streams["tenant"] += 1
+            web.HTTPServiceUnavailable, f"QR stream slots unavailable: {error}", **{"Retry-After": "5"}
+        ) from None
     metrics.QR_STREAMS.inc()
     queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
     supervisor.listeners.add(queue)
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    stream = EventSourceResponse(sep="\n", ping_interval=runtime.config.keepalive_seconds)
     try:
-        await response.prepare(request)
-        await response.write(_sse("status", {"state": supervisor.state.value}))
-        if supervisor.qr is not None:
-            await response.write(_sse("qr", qr_payload(supervisor.qr)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + runtime.config.qr_stream_timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                await response.write(_sse("timeout", {"after": runtime.config.qr_stream_timeout}))
-                break
-            try:
-                event, data = await asyncio.wait_for(queue.get(), min(remaining, runtime.config.keepalive_seconds))
-            except TimeoutError:
-                await response.write(b": ping\n\n")
-                continue
-            await response.write(_sse(event, data))
-            if event == "paired":
-                break
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass  # the client went away: its slot is freed below
+        await stream.prepare(request)
+        async with stream:  # ends the keep-alive pings on the way out
+            await _pairing_events(request, stream, queue, supervisor, slot)
+    except (ConnectionResetError, TimeoutError):
+        pass  # the client went away, or stopped reading (aiohttp-sse aborted the connection)
     finally:
         supervisor.listeners.discard(queue)
-        streams["pod"] -= 1
-        streams["tenant"] -= 1
         metrics.QR_STREAMS.dec()
-    return response
+        await asyncio.shield(slots.release(slot))  # also when cancelled: the slot is the point
+    return stream
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _pairing_events(
+    request: web.Request,
+    stream: EventSourceResponse,
+    queue: asyncio.Queue[tuple[str, dict[str, Any]]],
+    supervisor: SessionSupervisor,
+    slot: Slot,
+) -> None:
+    """The session's state and QR code, then its events until paired, the timeout, or the client's leaving.
+
+    aiohttp 3.14 has no public signal for a client that leaves while a handler waits
+    (``Request.wait_for_disconnection`` came and went in 3.10), and its ``handler_cancellation``
+    would cancel every handler of the runner mid-work (a send past the rate limit, a TokenReview
+    that other requests share). So the stream looks at its connection itself, every
+    ``DISCONNECT_POLL_SECONDS``, and frees its slot within that time of the client's leaving.
+    """
+    runtime = _runtime(request)
+    slots = runtime.stream_slots
+    timeout = runtime.config.qr_stream_timeout
+    await stream.send(_data({"state": supervisor.state.value}), event="status")
+    if supervisor.qr is not None:
+        await stream.send(_data(qr_payload(supervisor.qr)), event="qr")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    refresh_at = loop.time() + slots.refresh_seconds
+    while stream.is_connected() and not _client_gone(request):
+        now = loop.time()
+        if now >= deadline:
+            await stream.send(_data({"after": timeout}), event="timeout")
+            return
+        if now >= refresh_at:
+            if not await slots.refresh(slot, runtime.tenant_quota.pairing_streams_limit):
+                await stream.send(_data({"error": "the stream lost its slot (maxPairingStreams)"}), event="error")
+                return
+            refresh_at = now + slots.refresh_seconds
+        wake = min(deadline, refresh_at, now + DISCONNECT_POLL_SECONDS)
+        try:
+            event, data = await asyncio.wait_for(queue.get(), wake - now)
+        except TimeoutError:
+            continue
+        await stream.send(_data(data), event=event)
+        if event == "paired":
+            return
 
 
 async def pair_code(request: web.Request) -> web.Response:
@@ -164,6 +202,8 @@ async def send_message(request: web.Request) -> web.Response:
         raise _error(web.HTTPBadRequest, 'the body must be JSON: {"to": "+4915...", "text": "..."}') from None
     except RecursionError:
         raise _error(web.HTTPBadRequest, "the body is nested too deeply to be a message") from None
+    except LookupError:  # an unknown charset= of the Content-Type
+        raise _error(web.HTTPUnsupportedMediaType, f"unknown charset {request.charset!r}") from None
     try:
         message = SendMessage.model_validate(payload)
     except ValidationError as error:
@@ -233,7 +273,11 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as error:
         if error.content_type == "application/json" or error.status < 400:
             raise
-        return web.json_response({"error": error.reason or error.text or "error"}, status=error.status)
+        message = error.reason or "error"
+        if error.text and error.text != f"{error.status}: {error.reason}":
+            message = f"{message}: {error.text}"  # what aiohttp adds, such as the size limit of a body
+        headers = {k: v for k, v in error.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return web.json_response({"error": message}, status=error.status, headers=headers)  # Allow stays on a 405
     except (asyncio.CancelledError, ConnectionResetError):
         raise  # the client went away: nobody to answer
     except Exception:
@@ -244,13 +288,12 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 def build_app(runtime: Runtime) -> web.Application:
     app = web.Application(client_max_size=64 * 1024, middlewares=[json_errors, authorize])
     app[RUNTIME_KEY] = runtime
-    app[STREAMS_KEY] = {"pod": 0, "tenant": 0}
     app.add_routes(
         [
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics_endpoint, name="metrics"),
-            web.get("/v1/sessions/{name}/qr", qr_stream, name="qr"),
+            web.get("/v1/sessions/{name}/qr", qr_stream, name="qr", allow_head=False),
             web.post("/v1/sessions/{name}/pair-code", pair_code, name="pair-code"),
             web.post("/v1/sessions/{name}/messages", send_message, name="send"),
         ]
