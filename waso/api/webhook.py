@@ -16,7 +16,6 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field
 
 from waso.api.base import ApiModel, ObjectMeta, Timestamp, pattern_as_rule
-from waso.api.conditions import Condition
 
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
@@ -179,11 +178,6 @@ class ShardDeliveries(ApiModel):
 class WebhookStatus(ApiModel):
     """Written by the session runtimes, each shard its own entry."""
 
-    conditions: Annotated[
-        tuple[Condition, ...],
-        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
-    ] = ()
-    """Reserved for a summary condition; the deliveries are the detail."""
     deliveries: Annotated[
         tuple[ShardDeliveries, ...],
         Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["shard"]}),

@@ -21,7 +21,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pymongo.errors import PyMongoError
 
 from waso.api.session import E164_PATTERN, RuntimeState
 from waso.session_runtime import metrics
@@ -29,6 +30,7 @@ from waso.session_runtime.auth import Forbidden, Permission, ReviewUnavailable, 
 from waso.session_runtime.lifecycle import qr_payload
 from waso.session_runtime.ratelimit import RateLimiterUnavailable
 from waso.session_runtime.runtime import Runtime
+from waso.session_runtime.store import MAX_PAGE, BadCursor
 from waso.session_runtime.streams import Refused, Slot, SlotsUnavailable
 from waso.session_runtime.supervisor import SessionSupervisor
 from waso.session_runtime.transport import TransportError
@@ -48,6 +50,11 @@ class SendMessage(BaseModel):
 
 def _error(status: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
     return status(text=json.dumps({"error": message}), content_type="application/json", headers=headers or None)
+
+
+def _problems(error: ValidationError, whole: str) -> str:
+    """pydantic's findings, one per field: 'limit: Input should be less than or equal to 500'."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or whole}: {e['msg']}" for e in error.errors())
 
 
 def _runtime(request: web.Request) -> Runtime:
@@ -207,8 +214,7 @@ async def send_message(request: web.Request) -> web.Response:
     try:
         message = SendMessage.model_validate(payload)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
-        raise _error(web.HTTPUnprocessableEntity, problems) from None
+        raise _error(web.HTTPUnprocessableEntity, _problems(error, "body")) from None
     transport = supervisor.transport
     if supervisor.state != RuntimeState.CONNECTED or transport is None:
         raise _error(web.HTTPConflict, f"the session is not connected (state {supervisor.state.value})")
@@ -234,11 +240,54 @@ async def send_message(request: web.Request) -> web.Response:
     return web.json_response({"id": message_id}, status=202)
 
 
+class MessageQuery(BaseModel):
+    """The query of GET /v1/sessions/{name}/messages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chat: str | None = Field(default=None, min_length=1, max_length=128)
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+    cursor: str | None = Field(default=None, min_length=1, max_length=512)
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    supervisor = _session(request)
+    if runtime.store is None:
+        raise _error(web.HTTPNotFound, "this runtime keeps no messages: the operator has no message store (mongoUrl)")
+    try:
+        query = MessageQuery.model_validate(dict(request.query))
+    except ValidationError as error:
+        raise _error(web.HTTPBadRequest, _problems(error, "query")) from None
+    try:
+        page = await runtime.store.page(
+            supervisor.identity.name,
+            chat=query.chat,
+            since=query.since,
+            until=query.until,
+            cursor=query.cursor,
+            limit=query.limit,
+        )
+    except BadCursor as error:
+        raise _error(web.HTTPBadRequest, f"cursor: {error}") from None
+    except PyMongoError as error:
+        raise _error(
+            web.HTTPServiceUnavailable, f"message store unavailable: {error}", **{"Retry-After": "5"}
+        ) from None
+    body: dict[str, Any] = {"items": page.items}
+    if page.next is not None:
+        body["next"] = page.next
+    return web.json_response(body)
+
+
 PERMISSIONS: dict[str, Permission] = {
     "metrics": Permission("get", path="/metrics"),
     "qr": Permission("get", "qr"),
     "pair-code": Permission("create", "pairingcode"),
     "send": Permission("create", "messages"),
+    "list-messages": Permission("list", "messages"),
 }
 """What each route needs (waso.session_runtime.auth); routes not named here (the probes) are open."""
 
@@ -296,6 +345,7 @@ def build_app(runtime: Runtime) -> web.Application:
             web.get("/v1/sessions/{name}/qr", qr_stream, name="qr", allow_head=False),
             web.post("/v1/sessions/{name}/pair-code", pair_code, name="pair-code"),
             web.post("/v1/sessions/{name}/messages", send_message, name="send"),
+            web.get("/v1/sessions/{name}/messages", list_messages, name="list-messages", allow_head=False),
         ]
     )
     return app
