@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.test_decisions import facts
+from waso.leases import LeaseAction, LeaseView, lease_action, still_held
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.session_runtime.backoff import Backoff
-from waso.session_runtime.leases import LeaseAction, LeaseView, lease_action, still_held
 from waso.session_runtime.ratelimit import MemoryRateLimiter, take
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -103,10 +103,10 @@ def test_placement_keeps_shards_and_fills_new_sessions_within_room(
 
 
 def test_a_standby_retries_just_after_the_holders_lease_runs_out() -> None:
-    from waso.session_runtime.lease_keeper import LeaseKeeper
+    from waso.lease_keeper import LeaseKeeper
 
     now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-    keeper = LeaseKeeper(None, "acme", "pod-b/2", 15, lambda: now)  # type: ignore[arg-type]
+    keeper = LeaseKeeper(None, "acme", "pod-b/2", 15, lambda: now, "waso-runtime")  # type: ignore[arg-type]
     assert keeper.retry_after("waso-session-s1") == 5.0  # nothing read yet: a third of the duration
     keeper.expiries["waso-session-s1"] = now + timedelta(seconds=2)
     assert keeper.retry_after("waso-session-s1") == 2.1

@@ -46,17 +46,17 @@ from waso.api.tenancy import (
 )
 from waso.api.webhook import Webhook
 from waso.kube import ApiError, KubeClient
+from waso.lease_keeper import LeaseKeeper
 from waso.session_runtime import metrics
 from waso.session_runtime.auth import Authorizer
 from waso.session_runtime.backoff import Backoff
 from waso.session_runtime.backups import BackupError, backup_store, prune_backups, reset_store, restore_backup
 from waso.session_runtime.config import RuntimeConfig
 from waso.session_runtime.events import EventHub, MemoryOutbox
-from waso.session_runtime.lease_keeper import MANAGER, LeaseKeeper
 from waso.session_runtime.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from waso.session_runtime.store import MessageStore
 from waso.session_runtime.streams import stream_slots
-from waso.session_runtime.supervisor import SessionSupervisor
+from waso.session_runtime.supervisor import MANAGER, SessionSupervisor
 from waso.session_runtime.transport import SessionIdentity, Transport, TransportError
 from waso.status_writer import Outcome, Result, StatusWriter
 
@@ -105,7 +105,7 @@ class Runtime:
         self.kube = kube
         self.clock = clock or (lambda: datetime.now(UTC))
         self.namespace = config.namespace
-        self.leases = LeaseKeeper(kube, self.namespace, config.identity, config.lease_seconds, self.clock)
+        self.leases = LeaseKeeper(kube, self.namespace, config.identity, config.lease_seconds, self.clock, MANAGER)
         self.reporter = StatusReporter(kube, self.namespace)
         self.authorizer = Authorizer(
             kube.create, self.namespace, config.auth_audiences,

@@ -19,11 +19,10 @@ from typing import Any, Protocol
 
 from waso import logs
 from waso.api.session import RepairReport, RepairRequest, RuntimeState, RuntimeStatus
+from waso.leases import still_held
 from waso.session_runtime import events
 from waso.session_runtime.backoff import Backoff
 from waso.session_runtime.events import SessionEvent
-from waso.session_runtime.lease_keeper import session_lease_name
-from waso.session_runtime.leases import still_held
 from waso.session_runtime.lifecycle import (
     Activity,
     Connecting,
@@ -46,6 +45,12 @@ from waso.session_runtime.transport import (
 )
 
 log = logging.getLogger("waso.runtime")
+MANAGER = "waso-runtime"
+"""The runtime's field manager: status.runtime, Leases, Webhook status (with the shard appended)."""
+
+
+def session_lease_name(session: str) -> str:
+    return f"waso-session-{session}"
 
 
 class Leases(Protocol):

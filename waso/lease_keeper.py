@@ -1,4 +1,4 @@
-"""coordination.k8s.io Leases through the API: per-session locks and the pod heartbeat."""
+"""coordination.k8s.io Leases through the API, by the rules of ``waso.leases``."""
 
 from __future__ import annotations
 
@@ -8,21 +8,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from waso.kube import ApiError, KubeClient
-from waso.session_runtime.leases import LeaseAction, LeaseView, lease_action
+from waso.leases import LeaseAction, LeaseView, lease_action
 
-log = logging.getLogger("waso.runtime")
-MANAGER = "waso-runtime"
-
-
-def session_lease_name(session: str) -> str:
-    return f"waso-session-{session}"
+log = logging.getLogger("waso.leases")
 
 
 class LeaseKeeper:
+    """Acquires, renews and releases Leases of one namespace as ``identity``, writing as field manager ``manager``."""
+
     def __init__(
-        self, kube: KubeClient, namespace: str, identity: str, duration_seconds: int, clock: Callable[[], datetime]
+        self,
+        kube: KubeClient,
+        namespace: str,
+        identity: str,
+        duration_seconds: int,
+        clock: Callable[[], datetime],
+        manager: str,
     ) -> None:
         self.kube = kube
+        self.manager = manager
         self.namespace = namespace
         self.identity = identity
         self.duration = duration_seconds
@@ -77,10 +81,10 @@ class LeaseKeeper:
         try:
             if lease is None:
                 body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta}
-                await self.kube.create({**body, "spec": spec}, MANAGER)
+                await self.kube.create({**body, "spec": spec}, self.manager)
             else:
                 # metadata carries the resourceVersion read: a concurrent writer makes this fail with 409
-                await self.kube.replace({**lease, "metadata": meta, "spec": spec}, MANAGER)
+                await self.kube.replace({**lease, "metadata": meta, "spec": spec}, self.manager)
         except ApiError as error:
             if error.status in (409, 422):
                 return None  # someone else wrote first
@@ -98,14 +102,14 @@ class LeaseKeeper:
         return min(interval, max(0.2, (expiry - self.clock()).total_seconds() + 0.1))
 
     async def release(self, name: str) -> None:
-        """Give the lease up so that another runtime need not wait for it to expire."""
+        """Give the lease up so that another holder need not wait for it to expire."""
         try:
             lease = await self._read(name)
             spec = (lease or {}).get("spec") or {}
             if lease is None or spec.get("holderIdentity") != self.identity:
                 return
             spec = {k: v for k, v in spec.items() if k not in ("holderIdentity", "renewTime")}
-            await self.kube.replace({**lease, "spec": spec}, MANAGER)
+            await self.kube.replace({**lease, "spec": spec}, self.manager)
         except ApiError as error:
             if error.status not in (404, 409):
                 log.warning("lease %s not released: %s", name, error)

@@ -1,8 +1,10 @@
-"""Lease rules: at most one live socket per session, one heartbeat per runtime pod.
+"""coordination.k8s.io Leases: at most one live socket per session, one heartbeat per runtime pod, one
+deciding operator.
 
 Two sockets on one credential fight with StreamReplaced forever, so a runtime connects
 a session only while it holds the session's coordination.k8s.io Lease. The decisions
-are pure functions of the Lease as read and the time; ``LeaseKeeper`` does the I/O.
+are pure functions of the Lease as read and the time; ``waso.lease_keeper`` does the I/O.
+The operator's leader election uses the same rules and keeper.
 
 The holder treats its lease as lost well before anyone else may take it: a
 challenger waits for ``renewTime + leaseDurationSeconds``, the holder gives up at
