@@ -7,6 +7,7 @@ that installs it, because a skipped integration test reads as a passing one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import uuid
@@ -34,6 +35,14 @@ class ControlPlane:
         if self.cluster is None:
             raise AssertionError("this test needs the local node (hack/localnode.py): unset WASO_TEST_KUBECONFIG")
         return self.cluster
+
+
+@pytest.fixture(autouse=True)
+def own_leader_lease(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Each test's operators elect their leader on a Lease of their own: an operator a test killed leaves its
+    lease behind, and the next test's operator must not wait for it to run out."""
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:10]
+    monkeypatch.setenv("WASO_LEADER_ELECTION__LEASE_NAME", f"waso-operator-{digest}")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from tests.operator_support import Tenants, create_session, wait_admission
 from tests.runtime_support import spawn_waso
 from tests.support import BIN, kubectl, wait_for
 from waso.api.quota import TenantQuotaSpec
-from waso.operator.config import EvictionSettings, OperatorConfig, RepairSettings, load_config
+from waso.operator.config import EvictionSettings, LeaderElectionSettings, OperatorConfig, RepairSettings, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts/waso"
@@ -85,11 +85,18 @@ def test_chart_lints_and_renders_a_valid_operator_configuration(
     assert config.transport == "neonize"
     deployment = find(docs, "Deployment", "waso-operator")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The new pod stands by (leader election) until the old one releases the Lease.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"], "one replica: nothing to protect"
     assert not [d for d in docs if d["metadata"]["name"].endswith("-simulator")], "the simulator is off by default"
-    refused = template("--set", "replicas=2")
+    two = rendered("--set", "replicas=2")
+    assert find(two, "Deployment", "waso-operator")["spec"]["replicas"] == 2
+    assert find(two, "PodDisruptionBudget", "waso-operator")["spec"]["minAvailable"] == 1
+    alone = rendered("--set", "config.leaderElection.enabled=false")
+    assert find(alone, "Deployment", "waso-operator")["spec"]["strategy"] == {"type": "Recreate"}
+    refused = template("--set", "replicas=2", "--set", "config.leaderElection.enabled=false")
     assert refused.returncode != 0
-    assert "replicas must be 1" in refused.stderr
+    assert "replicas above 1 need config.leaderElection.enabled" in refused.stderr
 
 
 # (helm arguments, the field path helm's schema error must name)
@@ -141,6 +148,9 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
             "writeConcurrency": 4,
             "repair": {"maxInFlight": 5, "keepBackups": 2},
             "eviction": {"minIdleSeconds": 120, "order": "LeastRecentlyActive"},
+            "mongoUrl": "mongodb://ferretdb.example:27017/waso",
+            "mongoPoolSize": 4,
+            "leaderElection": {"leaseName": "waso-a", "leaseSeconds": 6},
         },
     }
     expected: dict[str, Any] = {
@@ -160,6 +170,9 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
         "write_concurrency": 4,
         "repair": RepairSettings(max_in_flight=5, keep_backups=2),
         "eviction": EvictionSettings(min_idle_seconds=120, order="LeastRecentlyActive"),
+        "mongo_url": "mongodb://ferretdb.example:27017/waso",
+        "mongo_pool_size": 4,
+        "leader_election": LeaderElectionSettings(lease_name="waso-a", lease_seconds=6),
     }
     assert set(expected) == set(OperatorConfig.model_fields), "a new setting needs a value here"
     defaults = OperatorConfig.model_construct()

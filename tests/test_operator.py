@@ -322,6 +322,7 @@ def test_exactly_the_cap_is_admitted_from_200_concurrent_creates_across_a_restar
         "WASO_DEFAULT_QUOTA__MAX_SESSIONS": "100",
         "WASO_RUNTIME_IMAGE": "waso:test",
         "WASO_IMAGE_PULL_POLICY": "Never",
+        "WASO_LEADER_ELECTION__LEASE_SECONDS": "3",  # the restarted operator waits for the killed one's lease
     }
     log = tmp_path / "operator.log"
 

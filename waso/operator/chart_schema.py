@@ -93,9 +93,10 @@ class ChartValues(_Values):
     """The values of charts/waso."""
 
     image: Image = Image()
-    replicas: int = Field(default=1, ge=0)
-    """One active operator: its admission ledger lives in one process. The Recreate strategy keeps an
-    upgrade from running two at once; any other number is refused."""
+    replicas: int = Field(default=1, ge=0, le=5)
+    """Operator replicas: one leads (a Lease) and decides, the others stand by with their indexes filled and
+    take over within config.leaderElection.leaseSeconds. Two or more get a PodDisruptionBudget. Without
+    leader election, only 1."""
     namespaces: list[Annotated[str, Field(min_length=1)]] = []
     """Watch only these namespaces (glob patterns); empty: the whole cluster."""
     config: dict[str, Any] = {}

@@ -84,6 +84,23 @@ class EvictionSettings(BaseModel):
         return self
 
 
+class LeaderElectionSettings(BaseModel):
+    """Several operator replicas: one decides and writes, the others stand by with their indexes filled."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True
+    )
+
+    enabled: bool = True
+    """Decide only while holding the Lease (a single replica holds it at once too)."""
+    lease_name: str = Field(
+        default="waso-operator", min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    )
+    """The Lease in the operator's namespace."""
+    lease_seconds: int = Field(default=10, ge=3, le=300)
+    """A standby takes over this long after the leader's last renewal; the leader renews every third of it."""
+
+
 class OperatorConfig(BaseSettings):
     """Settings of one operator deployment."""
 
@@ -133,6 +150,8 @@ class OperatorConfig(BaseSettings):
     """Automatic repair of broken device identities."""
     eviction: EvictionSettings = EvictionSettings()
     """Eviction of idle sessions under capacity or quota pressure."""
+    leader_election: LeaderElectionSettings = LeaderElectionSettings()
+    """Leader election among operator replicas (the chart's replicaCount)."""
 
     def model_post_init(self, context: object) -> None:
         if self.transport == "simulator" and not self.simulator_url:

@@ -40,6 +40,7 @@ from waso.operator.config import OperatorConfig
 from waso.operator.events import lifecycle_events
 from waso.operator.eviction import EvictionPolicy, admit
 from waso.operator.health import device_health
+from waso.operator.leadership import Leadership
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.repair import (
     RepairCandidate,
@@ -55,6 +56,7 @@ from waso.operator.resources import review_binding, review_role, tenant_objects
 from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part, parked_since
 from waso.operator.world import PodFacts, SessionFacts
 from waso.status_writer import Outcome, StatusWriter
+from waso.tasks import first_of
 
 MANAGER = "waso-operator"
 REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER_CONFLICT}
@@ -167,15 +169,24 @@ class Controller:
         self._retry_timer = None  # fired: the next poke_later schedules again
         self.poke()
 
-    async def run(self) -> None:
+    async def run(self, leadership: Leadership | None = None) -> None:
+        """Passes, on every poke and at least every resync; with ``leadership``, only while leading."""
         while True:
+            if leadership is not None and not leadership.leading.is_set():
+                await leadership.leading.wait()
+                self.poke()  # a new term starts with a pass over everything the indexes hold
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.config.resync_seconds)
             self._wake.clear()
             await asyncio.sleep(0.02)  # let a burst of watch events land in the indexes first
             try:
                 with metrics.RECONCILE.time():
-                    await self.reconcile_once()
+                    if leadership is None:
+                        await self.reconcile_once()
+                    else:
+                        await first_of(self.reconcile_once(), leadership.deposed.wait())
+                        if leadership.deposed.is_set():
+                            log.warning("pass stopped: no longer the leader")
             except asyncio.CancelledError:
                 raise
             except Exception:

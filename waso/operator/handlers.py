@@ -24,7 +24,8 @@ from waso.api.session import WhatsAppSession
 from waso.api.tenancy import HEARTBEAT_LABEL, MemoryReport, QuotaFacts, memory_report, quota_facts
 from waso.kube import KubeClient
 from waso.operator.config import load_config
-from waso.operator.controller import Controller
+from waso.operator.controller import Controller, own_namespace, utc_now
+from waso.operator.leadership import Leadership, identity
 from waso.operator.resources import IDENTITY_FINALIZER, SELECTOR
 from waso.operator.world import PodFacts, SessionFacts, pod_facts, session_facts
 
@@ -59,16 +60,29 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     kube = KubeClient.connect(threads=config.write_concurrency)
     memo.controller = Controller(config, kube)
     memo.kube = kube
-    memo.task = asyncio.create_task(memo.controller.run(), name="waso-controller")
+    election = config.leader_election
+    memo.leadership = None
+    if election.enabled:
+        memo.leadership = Leadership(
+            kube, own_namespace(), election.lease_name, election.lease_seconds, utc_now, identity()
+        )
+        memo.election = asyncio.create_task(memo.leadership.run(), name="waso-leader-election")
+    memo.task = asyncio.create_task(memo.controller.run(memo.leadership), name="waso-controller")
     memo.metrics = start_http_server(config.metrics_port, addr="0.0.0.0") if config.metrics_port else None
     log.info("waso operator started: max_sessions=%d transport=%s", config.max_sessions, config.transport)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    memo.task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await memo.task
+    tasks = [memo.task, *([memo.election] if memo.leadership is not None else [])]
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if memo.leadership is not None:
+        with contextlib.suppress(Exception):  # it runs out by itself
+            await memo.leadership.release()
     if memo.metrics is not None:
         server, _thread = memo.metrics
         server.shutdown()

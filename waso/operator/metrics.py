@@ -15,6 +15,7 @@ RECONCILE = Histogram(
     "Duration of one admission, placement and status pass over the whole cluster",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+LEADER = Gauge("waso_operator_leader", "1 while this replica holds the leader Lease and decides, else 0")
 STATUS_WRITES = Counter("waso_status_writes_total", "Status writes sent to the API server", ["kind"])
 REPAIRS = Counter("waso_repairs_total", "Repairs started, by tenant and reason (or Manual)", ["tenant", "reason"])
 HEALTH_FAILURES = Gauge(

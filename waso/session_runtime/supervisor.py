@@ -43,6 +43,7 @@ from waso.session_runtime.transport import (
     SessionIdentity,
     Transport,
 )
+from waso.tasks import first_of
 
 log = logging.getLogger("waso.runtime")
 MANAGER = "waso-runtime"
@@ -164,7 +165,7 @@ class SessionSupervisor:
 
     async def _run(self) -> None:
         while not self.closed:
-            await _first(self.wanted.wait(), self.closing.wait())
+            await first_of(self.wanted.wait(), self.closing.wait())
             if self.closed:
                 break
             renewed = await self._acquire()
@@ -186,7 +187,7 @@ class SessionSupervisor:
                     if not self.wanted.is_set() or self.lease_lost.is_set():
                         break
                     log.info("reconnecting in %.1fs", delay)
-                    await _first(asyncio.sleep(delay), self.unwanted.wait(), self.lease_lost.wait())
+                    await first_of(asyncio.sleep(delay), self.unwanted.wait(), self.lease_lost.wait())
             finally:
                 renewer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -209,7 +210,7 @@ class SessionSupervisor:
                 renewed = None
             if renewed is not None:
                 return renewed
-            await _first(asyncio.sleep(self.leases.retry_after(self.lease_name)), self.unwanted.wait())
+            await first_of(asyncio.sleep(self.leases.retry_after(self.lease_name)), self.unwanted.wait())
         return None
 
     async def _keep_lease(self) -> None:
@@ -238,7 +239,7 @@ class SessionSupervisor:
         try:
             await transport.start()
             while True:
-                event = await _first(
+                event = await first_of(
                     transport.events.get(), self.unwanted.wait(), self.lease_lost.wait(), self.repair_wanted.wait()
                 )
                 if event is None:
@@ -321,16 +322,3 @@ def _detail(view: SessionView) -> str:
     if view.state == RuntimeState.CONNECTED:
         return f" as {view.jid}"
     return f" ({view.last_error})" if view.last_error and view.state != RuntimeState.STOPPED else ""
-
-
-async def _first(*awaitables: Awaitable[Any]) -> Any:
-    """Wait for the first awaitable to finish, cancel the rest, return its result (None if not the first)."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-    first = tasks[0]
-    return first.result() if first in done else None

@@ -1,0 +1,86 @@
+"""Leader election: of several operator replicas, only the holder of one Lease decides and writes.
+
+Every replica watches and keeps its kopf indexes filled, so a standby that takes over
+decides from the whole cluster at once. The leader renews every third of the lease;
+it stops deciding (its pass in flight is cancelled) once it could not renew for
+``duration - margin`` (``waso.leases.still_held``), before any standby may take over
+at ``renewTime + duration``. A killed leader is replaced within one lease duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from datetime import datetime
+
+from waso.kube import ApiError, KubeClient
+from waso.lease_keeper import LeaseKeeper
+from waso.leases import still_held
+from waso.operator import metrics
+
+log = logging.getLogger("waso.operator")
+MANAGER = "waso-operator"
+
+
+def identity() -> str:
+    """This replica: its pod name (the chart sets POD_NAME, else the host name) and a token per process."""
+    return f"{os.environ.get('POD_NAME') or os.uname().nodename}/{secrets.token_hex(4)}"
+
+
+class Leadership:
+    def __init__(
+        self,
+        kube: KubeClient,
+        namespace: str,
+        lease: str,
+        duration_seconds: int,
+        clock: Callable[[], datetime],
+        me: str,
+    ) -> None:
+        self.keeper = LeaseKeeper(kube, namespace, me, duration_seconds, clock, MANAGER)
+        self.namespace = namespace
+        self.lease = lease
+        self.duration = duration_seconds
+        self.clock = clock
+        self.identity = me
+        self.renewed: datetime | None = None
+        self.leading = asyncio.Event()
+        """Set while this replica may decide."""
+        self.deposed = asyncio.Event()
+        """Set while it may not (the complement of ``leading``, to wait on)."""
+        self.deposed.set()
+
+    def holds(self) -> bool:
+        return self.renewed is not None and still_held(self.renewed, self.duration, self.clock())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                renewed = await self.keeper.hold(self.lease)
+            except (ApiError, OSError) as error:
+                log.warning("leader lease %s/%s not readable: %s", self.namespace, self.lease, error)
+                renewed = None
+            if renewed is not None:
+                self.renewed = renewed
+            if self.holds() and not self.leading.is_set():
+                log.info("leading as %s (Lease %s/%s)", self.identity, self.namespace, self.lease)
+                self.deposed.clear()
+                self.leading.set()
+                metrics.LEADER.set(1)
+            elif not self.holds() and self.leading.is_set():
+                log.warning("no longer the leader: the lease was not renewed in time; standing by")
+                self.leading.clear()
+                self.deposed.set()
+                metrics.LEADER.set(0)
+            pause = self.duration / 3 if self.leading.is_set() else self.keeper.retry_after(self.lease)
+            await asyncio.sleep(pause)
+
+    async def release(self) -> None:
+        """On a clean stop: a standby takes over at once instead of after the lease runs out."""
+        if self.leading.is_set():
+            self.leading.clear()
+            self.deposed.set()
+            await self.keeper.release(self.lease)
