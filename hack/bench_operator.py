@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -102,11 +103,16 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     log = (tmp / "operator.log").open("wb")
     # WASO_BENCH_WRAP prefixes the operator's command, e.g. with `py-spy record -o ... --duration 14 --`.
     wrapper = os.environ.get("WASO_BENCH_WRAP", "").split()
+
+    def start_operator(name: str, wrap: list[str]) -> subprocess.Popen[bytes]:
+        out = log if name == "operator-0" else (tmp / f"{name}.log").open("wb")
+        return subprocess.Popen(
+            [*wrap, sys.executable, "-m", "waso.cli.main", "operator", "-v"],  # cluster-wide: one watch per kind
+            env={**env, "POD_NAME": name}, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        )  # fmt: skip
+
     started = time.monotonic()
-    operator = subprocess.Popen(
-        [*wrapper, sys.executable, "-m", "waso.cli.main", "operator", "-v"],  # cluster-wide: one watch per kind
-        env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-    )  # fmt: skip
+    operator = start_operator("operator-0", wrapper)
     decided = 0
     try:
         while time.monotonic() - started < 600:
@@ -120,6 +126,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         operator_seconds = time.monotonic() - started
         peak_rss_mib = _peak_rss_kib(operator.pid) / 1024
         operator_cpu = _cpu_seconds(operator.pid)
+        failovers = measure_failovers(custom, operator, start_operator, tmp) if decided == total else []
     finally:
         operator.kill()
         operator.wait()
@@ -135,7 +142,56 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     print(f"operator peak RSS: {peak_rss_mib:.1f} MiB; operator CPU time {operator_cpu:.1f} s")
     print(f"floor: {total} status writes by a plain client in {floor_seconds:.1f} s ({total / floor_seconds:.0f}/s)")
     print(f"ratio operator/floor: {operator_seconds / floor_seconds:.2f}")
+    print(
+        f"failover with {total} sessions: kill -9 of the leader → the standby's first decision in "
+        + ", ".join(f"{s:.1f} s" for s in failovers)
+        + f" (lease {LEASE_SECONDS} s; best {min(failovers):.1f} s)"
+    )
     return 0
+
+
+LEASE_SECONDS = 10
+"""The default of leaderElection.leaseSeconds."""
+INDEXES_FILLED = "indexes filled"
+"""What waso.operator.controller logs once kopf has listed everything (standby or not)."""
+
+
+def measure_failovers(
+    custom: client.CustomObjectsApi,
+    leader: subprocess.Popen[bytes],
+    start: Callable[[str, list[str]], subprocess.Popen[bytes]],
+    tmp: Path,
+    rounds: int = 3,
+) -> list[float]:
+    """Kill the leader while a standby with filled indexes waits; time until a new session is decided."""
+    measured = []
+    for round_ in range(rounds):
+        name = f"operator-{round_ + 1}"
+        standby = start(name, [])
+        log = tmp / f"{name}.log"
+        while INDEXES_FILLED not in log.read_text(errors="replace"):  # kopf fills indexes before any handler runs
+            if standby.poll() is not None:
+                raise SystemExit(f"standby exited with {standby.returncode}; see {log}")
+            time.sleep(0.2)
+        leader.kill()
+        leader.wait()
+        killed = time.monotonic()
+        probe = f"failover-{round_}"
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "WhatsAppSession",
+            "metadata": {"name": probe, "namespace": "bench-000"}, "spec": {"phoneNumber": f"+4915299{round_:06d}"},
+        }  # fmt: skip
+        custom.create_namespaced_custom_object(GROUP, VERSION, "bench-000", PLURAL, body)
+        while time.monotonic() - killed < 120:
+            obj = cast(dict[str, Any], custom.get_namespaced_custom_object(GROUP, VERSION, "bench-000", PLURAL, probe))
+            if any(c["type"] == "Admitted" for c in obj.get("status", {}).get("conditions", [])):
+                break
+            time.sleep(0.1)
+        measured.append(time.monotonic() - killed)
+        leader = standby
+    leader.kill()
+    leader.wait()
+    return measured
 
 
 def _decided_and_placed(obj: dict[str, Any]) -> bool:

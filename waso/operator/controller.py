@@ -124,6 +124,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._writes = asyncio.Semaphore(config.write_concurrency)
         self.passes = 0
+        self.attached = False
         metrics.CAPACITY.set(config.max_sessions)
         settings = config.eviction
         self._eviction = EvictionPolicy(
@@ -145,6 +146,9 @@ class Controller:
         memory: Mapping[str, Iterable[MemoryReport]],
     ) -> None:
         """Hand over kopf's live index views (the same objects on every call)."""
+        if not self.attached:  # kopf runs no handler before every index has been filled
+            log.info("indexes filled: %d tenant(s) with sessions", len(sessions))
+            self.attached = True
         self.sessions, self.quotas, self.pods, self.access = sessions, quotas, pods, access
         self.memory = memory
 
