@@ -11,7 +11,10 @@ On a fresh local control plane with the operator and the simulator, in one run:
    by Helm with the simulator in auto-pair mode): the session pod's memory with 0, 10 and 50
    connected sessions as its cgroup sees it (working set and RSS from kubelet's Summary API, what
    metrics-server and `kubectl top` use) next to the process RSS the runtime reports on /metrics,
-   and the image's size as an archive and in the node's containerd.
+   and the image's size as an archive and in the node's containerd;
+5. the Redis rate limiter (Debian's redis-server): decision latency p50/p99 and decisions per second
+   of RedisRateLimiter.acquire, against the floor: raw EVALSHA of the same script by the same client
+   library, same concurrency, same run.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         cluster = LocalCluster(tmp / "cluster")
         try:
+            limiter_bench(tmp)
             cluster.start(tied=True)
             run(cluster.kubeconfig, tmp)
             run_on_node(cluster)
@@ -95,6 +99,90 @@ def main() -> int:
             cluster.stop()
     print(f"bench-runtime took {time.monotonic() - started:.0f} s")
     return 0
+
+
+LIMITER_DECISIONS, LIMITER_CONCURRENCY, LIMITER_TENANTS = 20_000, 16, 100
+
+
+def limiter_bench(tmp: Path) -> None:
+    """The shared token bucket: what a decision costs over what Redis itself costs for the same script."""
+    import redis.asyncio as aioredis
+
+    from waso.session_runtime.ratelimit import RedisRateLimiter
+
+    port = free_port()
+    server = spawn_logged(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        tmp / "redis.log",
+        tied=True,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_until(lambda: _redis_answers(port), 15, "redis-server", lambda: (tmp / "redis.log").read_text())
+
+        async def measure() -> tuple[list[float], float, list[float], float]:
+            limiter = RedisRateLimiter(url, fail_open=False)
+            raw: Any = aioredis.from_url(url)
+            try:
+                await limiter.acquire("warm-up", 60000)
+                sha = limiter.script.sha
+
+                async def through_limiter(i: int) -> None:
+                    decision = await limiter.acquire(f"t{i % LIMITER_TENANTS}", 60000)
+                    assert decision.allowed
+
+                async def raw_evalsha(i: int) -> None:
+                    await raw.evalsha(sha, 1, f"waso:ratelimit:r{i % LIMITER_TENANTS}", 60000)
+
+                floor = await _timed(raw_evalsha)
+                measured = await _timed(through_limiter)
+                return measured[0], measured[1], floor[0], floor[1]
+            finally:
+                await limiter.close()
+                await raw.aclose()
+
+        latencies, seconds, floor_latencies, floor_seconds = asyncio.run(measure())
+    finally:
+        server.kill()
+        server.wait()
+    rate, floor_rate = LIMITER_DECISIONS / seconds, LIMITER_DECISIONS / floor_seconds
+    print(f"rate limiter (Redis), {LIMITER_DECISIONS} decisions, {LIMITER_CONCURRENCY} at once, "
+          f"{LIMITER_TENANTS} tenants:")  # fmt: skip
+    print(f"  RedisRateLimiter.acquire: p50 {_ms(latencies, 50):.2f} ms, p99 {_ms(latencies, 99):.2f} ms, "
+          f"{rate:.0f}/s")  # fmt: skip
+    print(f"  floor, raw EVALSHA:       p50 {_ms(floor_latencies, 50):.2f} ms, p99 {_ms(floor_latencies, 99):.2f} ms, "
+          f"{floor_rate:.0f}/s")  # fmt: skip
+    print(f"  ratio limiter/floor throughput: {rate / floor_rate:.2f}")
+
+
+async def _timed(call: Callable[[int], Any]) -> tuple[list[float], float]:
+    """Per-call latencies and the wall time of LIMITER_DECISIONS calls, LIMITER_CONCURRENCY at a time."""
+    latencies: list[float] = []
+    counter = iter(range(LIMITER_DECISIONS))
+
+    async def worker() -> None:
+        for i in counter:
+            began = time.perf_counter()
+            await call(i)
+            latencies.append(time.perf_counter() - began)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(LIMITER_CONCURRENCY)))
+    return latencies, time.perf_counter() - started
+
+
+def _ms(values: list[float], percentile: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, len(ordered) * percentile // 100)] * 1000
+
+
+def _redis_answers(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5).ping())
+    except redis.ConnectionError:
+        return False
 
 
 def run(kubeconfig: Path, tmp: Path) -> int:
