@@ -12,14 +12,15 @@ import asyncio
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
 from tests import test_runtime
-from tests.conftest import MongoServer
-from tests.operator_support import api_token, get
+from tests.conftest import ControlPlane, MongoServer
+from tests.operator_support import Tenants, api_token, get
 from tests.receiver import SIGNING_KEY, Receiver, running_receiver
 from tests.runtime_support import Process, http_json
 from tests.support import wait_for
@@ -33,6 +34,7 @@ operator = test_runtime.operator
 world = test_runtime.world
 
 SENDERS = ("+15550001", "+15550002", "+15550003")
+GLOBEX_PHONE = "+4915112345699"
 FAST_STATUS = {"WASO_EVENT_STATUS_SECONDS": "1"}
 
 
@@ -73,20 +75,20 @@ def deliveries(world: World, name: str) -> dict[str, Any]:
     return entry
 
 
-def inbound(world: World, n: int) -> str:
-    """Message n from one of three people; returns its text."""
+def inbound(world: World, n: int, phone: str = PHONE) -> str:
+    """Message n from one of three people to ``phone``; returns its text."""
     text = f"m{n}"
-    sent = http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/inbound", {"from": SENDERS[n % 3], "text": text})
+    sent = http_json("POST", f"{world.simulator.url}/v1/phones/{phone}/inbound", {"from": SENDERS[n % 3], "text": text})
     assert sent.status == 200, sent.body
     assert sent.body["delivered"] == 1
     return text
 
 
-def connected_runtime(world: World, env: dict[str, str] | None = None) -> Process:
+def connected_runtime(world: World, env: dict[str, str] | None = None, phone: str = PHONE) -> Process:
     runtime = world.runtime(0, "data", **FAST_STATUS, **(env or {}))
-    world.session()
+    world.session(phone=phone)
     world.wait_state("AwaitingPairing")
-    world.pair_by_qr(runtime)
+    world.pair_by_qr(runtime, phone=phone)
     world.wait_state("Connected")
     return runtime
 
@@ -226,3 +228,27 @@ async def _seed(url: str, tenant: str, events: list[SessionEvent]) -> None:
             await store.record(events[start : start + 500])
     finally:
         await store.close()
+
+
+def test_one_tenants_dead_endpoint_does_not_hold_back_anothers(
+    world: World, receiver: Receiver, control_plane: ControlPlane, tenants: Tenants, tmp_path: Path
+) -> None:
+    """acme's endpoint is dead; globex (its own runtime process) delivers everything meanwhile."""
+    globex = World(control_plane, tenants, world.simulator, tmp_path / "globex", tenant="globex")
+    try:
+        with running_receiver() as dead:
+            dead.down()
+            create_webhook(world, "app", dead.url, ["MessageReceived"])
+            create_webhook(globex, "app", receiver.url, ["MessageReceived"])
+            connected_runtime(world)
+            connected_runtime(globex, phone=GLOBEX_PHONE)
+            for n in range(30):
+                inbound(world, n)
+            texts = [inbound(globex, n, GLOBEX_PHONE) for n in range(30)]
+            wait_for(lambda: len(receiver.events) == 30, timeout=60, what="globex's 30 events")
+            assert_in_order_per_chat(receiver, texts)
+            held = wait_for(lambda: (d := deliveries(world, "app")).get("backlog") == 30 and d, timeout=30,
+                            what="acme's backlog")  # fmt: skip
+            assert held["delivered"] == 0
+    finally:
+        globex.stop()

@@ -63,12 +63,14 @@ def operator(
 class World:
     """One tenant namespace with its runtimes, as a test drives it."""
 
-    def __init__(self, control_plane: ControlPlane, tenants: Tenants, simulator: Process, tmp_path: Path) -> None:
+    def __init__(
+        self, control_plane: ControlPlane, tenants: Tenants, simulator: Process, tmp_path: Path, tenant: str = "acme"
+    ) -> None:
         self.api = control_plane.api
         self.kubeconfig = control_plane.kubeconfig
         self.simulator = simulator
         self.tmp = tmp_path
-        self.namespace = tenants.namespace("acme")
+        self.namespace = tenants.namespace(tenant)
         self.token = api_token(self.api, self.namespace)
         """An application's token with every permission of the runtime's API."""
         self.metrics_token = metrics_token(self.api, self.namespace)
