@@ -136,10 +136,14 @@ def test_the_runtimes_own_access_is_minimal(
                 authorization.create_subject_access_review(client.V1SubjectAccessReview(spec=spec)).status.allowed
             )
 
-        wait_for(lambda: may("create", "tokenreviews", "authentication.k8s.io"), timeout=60,
-                 what="the operator to bind the runtime to reviews")  # fmt: skip
+        # The binding to reviews and the tenant's Role are two objects, applied one after the other.
+        wait_for(lambda: may("create", "tokenreviews", "authentication.k8s.io")
+                 and may("get", "whatsappsessions", "waso.dev", acme), timeout=60,
+                 what="the operator to bind the runtime to reviews and to its Role")  # fmt: skip
         assert may("create", "subjectaccessreviews", "authorization.k8s.io")
-        assert may("get", "whatsappsessions", "waso.dev", acme)
+        assert may("list", "webhooks", "waso.dev", acme)
+        assert may("patch", "webhooks", "waso.dev", acme, "status")
+        assert not may("get", "secrets", "", acme)  # signing keys: the tenant grants each by name
         assert not may("get", "whatsappsessions", "waso.dev", globex)  # another tenant
         assert not may("update", "whatsappsessions", "waso.dev", acme)  # specs are the tenant's
         assert not may("create", "localsubjectaccessreviews", "authorization.k8s.io", acme)
