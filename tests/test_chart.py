@@ -150,6 +150,7 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
             "eviction": {"minIdleSeconds": 120, "order": "LeastRecentlyActive"},
             "mongoUrl": "mongodb://ferretdb.example:27017/waso",
             "mongoPoolSize": 4,
+            "logFormat": "json",
             "leaderElection": {"leaseName": "waso-a", "leaseSeconds": 6},
         },
     }
@@ -172,6 +173,7 @@ def test_every_operator_setting_is_reachable_from_values(tmp_path: Path, monkeyp
         "eviction": EvictionSettings(min_idle_seconds=120, order="LeastRecentlyActive"),
         "mongo_url": "mongodb://ferretdb.example:27017/waso",
         "mongo_pool_size": 4,
+        "log_format": "json",
         "leader_election": LeaderElectionSettings(lease_name="waso-a", lease_seconds=6),
     }
     assert set(expected) == set(OperatorConfig.model_fields), "a new setting needs a value here"

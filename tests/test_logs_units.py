@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -74,3 +75,39 @@ def test_a_line_about_another_tenant_names_that_one(lines: io.StringIO) -> None:
         "tenant=hooli session=s2 Handler succeeded.",
         "tenant=hooli session=- Handler succeeded.",
     ]
+
+
+def test_json_lines_carry_the_same_fields_and_the_exception() -> None:
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    buffer = io.StringIO()
+    try:
+        logs.configure(tenant="acme", log_format="json")
+        root.handlers[0].setStream(buffer)  # type: ignore[attr-defined]
+
+        async def in_a_session() -> None:
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                logging.getLogger("waso.runtime").exception("repair %s failed", "r1")
+
+        async def main() -> None:
+            await asyncio.create_task(in_a_session(), context=logs.session_context("s1"))
+
+        asyncio.run(main())
+        logging.getLogger("waso.operator").info("admitted", extra=logs.about("globex", "s9"))
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    first, second = (json.loads(line) for line in buffer.getvalue().splitlines())
+    assert {k: first[k] for k in ("level", "logger", "tenant", "session", "message")} == {
+        "level": "ERROR",
+        "logger": "waso.runtime",
+        "tenant": "acme",
+        "session": "s1",
+        "message": "repair r1 failed",
+    }
+    assert first["exception"].endswith("ValueError: boom")
+    assert first["time"].endswith("Z")
+    assert (second["tenant"], second["session"], second["message"]) == ("globex", "s9", "admitted")
+    assert "exception" not in second

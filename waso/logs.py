@@ -8,12 +8,20 @@ which concern many tenants), from the context (``SESSION``, set by a session's t
 runtime: tasks copy the context, so everything a session's task logs names it), or from the
 process (``configure(tenant=...)``: a session runtime serves one tenant, threads included).
 kopf's per-object lines name their object's namespace and, for sessions, the session.
+
+With ``json_lines`` (setting ``logFormat: json``), each line is one JSON object with the same
+fields (``time``, ``level``, ``logger``, ``tenant``, ``session``, ``message``, and ``exception``
+when there is one), for log pipelines that index fields. It is a dozen lines on the standard
+library rather than python-json-logger: the fields are fixed, and one dependency fewer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from contextvars import Context, ContextVar, copy_context
+from datetime import UTC, datetime
+from typing import Literal
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s tenant=%(tenant)s session=%(session)s %(message)s"
 NONE = "-"
@@ -48,10 +56,32 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def configure(level: int = logging.INFO, *, tenant: str | None = None) -> None:
-    """The root handler of a waso process: stderr, ``FORMAT``, lines from ``level`` up."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the fields of ``FORMAT``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "tenant": getattr(record, "tenant", NONE),
+            "session": getattr(record, "session", NONE),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+LogFormat = Literal["text", "json"]
+
+
+def configure(level: int = logging.INFO, *, tenant: str | None = None, log_format: LogFormat = "text") -> None:
+    """The root handler of a waso process: stderr, ``FORMAT`` or JSON lines, lines from ``level`` up."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(FORMAT))
     handler.addFilter(ContextFilter(tenant))
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -6,6 +6,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from waso.logs import LogFormat
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -23,11 +27,11 @@ def _operator(args: argparse.Namespace) -> int:
     if args.namespace:
         os.environ[handlers.NAMESPACES_ENV] = ",".join(args.namespace)
 
-    _logging(args.verbose)
+    _logging(args.verbose, log_format=config.log_format)
     logging.getLogger("waso.operator").info("configuration: max_sessions=%d", config.max_sessions)
     kopf.run(
         # Standalone: with kopf peering, a paused standby would still run waso's controller loop
-        # (it is not a kopf handler), so one active replica is enforced by the Deployment instead.
+        # (it is not a kopf handler); waso elects its leader on a Lease (waso.operator.leadership).
         standalone=True,
         clusterwide=True,  # tenant patterns filter the events: see waso.operator.handlers
         liveness_endpoint=args.liveness,
@@ -48,7 +52,7 @@ def _runtime(args: argparse.Namespace) -> int:
         problems = "\n  ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
         print(f"waso runtime: invalid configuration:\n  {problems}", file=sys.stderr)
         return 2
-    _logging(args.verbose, tenant=config.namespace)
+    _logging(args.verbose, tenant=config.namespace, log_format=config.log_format)
     from waso.session_runtime.main import serve
 
     asyncio.run(serve(config))
@@ -103,10 +107,10 @@ def _migrate(args: argparse.Namespace) -> int:
     return migrate.rollback_command(args.tenant, args.yes, args.state, args.log_dir)
 
 
-def _logging(verbose: bool, *, tenant: str | None = None) -> None:
+def _logging(verbose: bool, *, tenant: str | None = None, log_format: LogFormat = "text") -> None:
     from waso import logs
 
-    logs.configure(logging.DEBUG if verbose else logging.INFO, tenant=tenant)
+    logs.configure(logging.DEBUG if verbose else logging.INFO, tenant=tenant, log_format=log_format)
 
 
 def build_parser() -> argparse.ArgumentParser:

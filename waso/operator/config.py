@@ -138,6 +138,9 @@ class OperatorConfig(BaseSettings):
     """Credential volume of each session pod."""
     storage_class: str | None = None
     """StorageClass of the credential volumes; unset: the cluster's default class."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines of the operator and of the session pods: text (tenant=... session=... fields) or one JSON
+    object per line with the same fields."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Prometheus metrics port of the operator; 0 disables it."""
     resync_seconds: float = Field(default=30.0, gt=0, le=3600)

@@ -47,6 +47,7 @@ def runtime_env(config: OperatorConfig, quota: TenantQuotaSpec) -> list[dict[str
         # What applies while the namespace has no TenantQuota of its own.
         {"name": "WASO_DEFAULT_QUOTA", "value": json.dumps(config.default_quota.to_wire(), sort_keys=True)},
         {"name": "WASO_KEEP_BACKUPS", "value": str(config.repair.keep_backups)},
+        {"name": "WASO_LOG_FORMAT", "value": config.log_format},
     ]
     if config.simulator_url:
         env.append({"name": "WASO_SIMULATOR_URL", "value": config.simulator_url})

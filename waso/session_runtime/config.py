@@ -63,6 +63,8 @@ class RuntimeConfig(BaseSettings):
     """How often each Webhook's status.deliveries entry of this shard is written (only when it changed)."""
     prune_seconds: float = Field(default=300.0, gt=0)
     """How often the tenant's messages are pruned to its retention and size cap."""
+    log_format: Literal["text", "json"] = "text"
+    """Text lines with tenant= and session= fields, or one JSON object per line (the operator's logFormat)."""
     device_name: str = "waso"
     instance: str = Field(default_factory=lambda: secrets.token_hex(4))
     """Distinguishes two processes with the same pod name in lease holder identities."""

@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Neon
     pdeathsig = die_with_parent(args.parent_pid)
     worker = Worker(_protocol_output())
     # The runtime's environment names the tenant; the child's lines join the runtime's.
-    logs.configure(logging.WARNING, tenant=os.environ.get("WASO_NAMESPACE"))
+    log_format: logs.LogFormat = "json" if os.environ.get("WASO_LOG_FORMAT") == "json" else "text"
+    logs.configure(logging.WARNING, tenant=os.environ.get("WASO_NAMESPACE"), log_format=log_format)
     worker.emit("started", pid=os.getpid(), pdeathsig=pdeathsig)
     _daemon_timer(args.deadline, lambda: worker.finish(EXIT_FAILED, "pairing timed out in the pairing worker"))
     try:
