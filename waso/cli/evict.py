@@ -1,23 +1,23 @@
-"""`waso evict NS/NAME` and `waso resume NS/NAME`: park a session by hand, or bring an evicted one back.
+"""`waso evict|suspend|resume NS/NAME`: park a session by hand, or bring it back.
 
-Both write an annotation (``waso.dev/evict``, ``waso.dev/resume``) with a new token; the
-operator acts on it once. A session evicted by a person stays parked until a person resumes
-it; one evicted under pressure comes back by itself when room returns, and ``waso resume``
-brings it back now, evicting an idle session if it must (within the usual rules). A session
-stopped by ``spec.suspend`` is not this command's: its manifest says so, and GitOps would
-undo a change made here.
+``evict`` and the resumption of an evicted session write an annotation (``waso.dev/evict``,
+``waso.dev/resume``) with a new token; the operator acts on it once. A session evicted by a
+person stays parked until a person resumes it; one evicted under pressure comes back by
+itself when room returns, and ``resume`` brings it back now, evicting an idle session if it
+must (within the usual rules). ``suspend`` sets ``spec.suspend`` (its slot is released), and
+``resume`` of a suspended session clears it: where GitOps manages the manifest, change it
+there instead, or the next sync undoes the change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 from waso.api.conditions import ConditionType, Reason
 from waso.api.session import EVICT_ANNOTATION, RESUME_ANNOTATION
-from waso.cli.requests import annotate, new_token, parse_target, read_session
-from waso.kube import ApiError
+from waso.cli.connection import EXIT_USAGE, CliError, Cluster
+from waso.cli.requests import annotate, new_token, parse_target, patch_session, read_session
 
 
 def _admitted(session: dict[str, Any]) -> tuple[str, str]:
@@ -29,10 +29,13 @@ def _admitted(session: dict[str, Any]) -> tuple[str, str]:
 
 def refusal(command: str, session: dict[str, Any]) -> str | None:
     """Why the request would change nothing (None when it should be made)."""
-    if (session.get("spec") or {}).get("suspend"):
-        return "is suspended by its spec (spec.suspend: true); change the manifest instead"
+    suspended = bool((session.get("spec") or {}).get("suspend"))
     if (session.get("metadata") or {}).get("deletionTimestamp"):
         return "is being deleted"
+    if command == "suspend":
+        return "is suspended already" if suspended else None
+    if suspended:
+        return None if command == "resume" else "is suspended by its spec (spec.suspend: true)"
     status, reason = _admitted(session)
     if command == "resume" and reason != Reason.EVICTED:
         return f"is not evicted (Admitted={status}, reason {reason})"
@@ -43,22 +46,21 @@ def refusal(command: str, session: dict[str, Any]) -> str | None:
     return None
 
 
-def main(command: str, text: str) -> int:
+def main(cluster: Cluster, command: str, text: str) -> int:
     target = parse_target(text)
     if target is None:
-        print(f"usage: waso {command} NAMESPACE/NAME", file=sys.stderr)
-        return 2
+        raise CliError(f"usage: waso {command} NAMESPACE/NAME", EXIT_USAGE)
     key = "/".join(target)
-    try:
-        session = asyncio.run(read_session(target))
-        why_not = refusal(command, session)
-        if why_not is not None:
-            print(f"waso {command}: {key} {why_not}; nothing requested", file=sys.stderr)
-            return 1
-        annotation = EVICT_ANNOTATION if command == "evict" else RESUME_ANNOTATION
-        asyncio.run(annotate(target, annotation, new_token()))
-    except (ApiError, OSError) as error:
-        print(f"waso {command}: {key}: {error}", file=sys.stderr)
-        return 1
+    session = asyncio.run(read_session(cluster, target))
+    why_not = refusal(command, session)
+    if why_not is not None:
+        raise CliError(f"{key} {why_not}; nothing requested")
+    if command == "suspend" or (command == "resume" and (session.get("spec") or {}).get("suspend")):
+        asyncio.run(patch_session(cluster, target, {"spec": {"suspend": command == "suspend"}}))
+        changed = "suspended (spec.suspend: true)" if command == "suspend" else "resumed (spec.suspend: false)"
+        print(f"{key} {changed}; if GitOps manages it, change the manifest too")
+        return 0
+    annotation = EVICT_ANNOTATION if command == "evict" else RESUME_ANNOTATION
+    asyncio.run(annotate(cluster, target, annotation, new_token()))
     print(f"{command} of {key} requested; follow it with: kubectl get was {target[1]} -n {target[0]} -w")
     return 0

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from waso.cli.connection import CliError, Cluster
+
 if TYPE_CHECKING:
     from waso.logs import LogFormat
 
@@ -67,10 +69,15 @@ def _simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> Cluster:
+    return Cluster(args.kubeconfig, args.context)
+
+
 def _status(args: argparse.Namespace) -> int:
     from waso.cli.status import main
 
-    return main(args.namespace, args.session, args.output)
+    namespace = None if args.all_namespaces else args.namespace
+    return main(_cluster(args), namespace, args.session, args.output)
 
 
 def _legacy_scan(args: argparse.Namespace) -> int:
@@ -88,13 +95,13 @@ def _legacy_import(args: argparse.Namespace) -> int:
 def _repair(args: argparse.Namespace) -> int:
     from waso.cli.repair import main
 
-    return main(args.words, args.backup)
+    return main(_cluster(args), args.words, args.backup)
 
 
 def _evict(args: argparse.Namespace) -> int:
     from waso.cli.evict import main
 
-    return main(args.command, args.session)
+    return main(_cluster(args), args.command, args.session)
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -113,9 +120,13 @@ def _logging(verbose: bool, *, tenant: str | None = None, log_format: LogFormat 
     logs.configure(logging.DEBUG if verbose else logging.INFO, tenant=tenant, log_format=log_format)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="waso", description="WhatsApp Session Operator")
+def build_parser(prog: str = "waso") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="WhatsApp Session Operator")
     commands = parser.add_subparsers(dest="command", required=True)
+    # kubectl's flags for which cluster, on every command that talks to one.
+    cluster = argparse.ArgumentParser(add_help=False)
+    cluster.add_argument("--kubeconfig", help="the kubeconfig file (default: KUBECONFIG, then ~/.kube/config)")
+    cluster.add_argument("--context", help="the kubeconfig context to use (default: its current context)")
 
     operator = commands.add_parser(
         "operator", help="run the operator (configuration: WASO_CONFIG file, WASO_* variables)"
@@ -144,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     repair = commands.add_parser(
         "repair",
+        parents=[cluster],
         help="ask for a repair (back up, reset, re-pair) or, with `rollback`, a restore of a session's credentials",
         usage="waso repair NAMESPACE/NAME | waso repair rollback NAMESPACE/NAME [--backup ID]",
     )
@@ -153,18 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command, text in (
         ("evict", "park a session now, credentials kept, until `waso resume` (annotation waso.dev/evict)"),
-        ("resume", "bring an evicted session back now (annotation waso.dev/resume)"),
+        ("suspend", "stop a session and release its slot (spec.suspend: true)"),
+        ("resume", "bring a suspended (spec.suspend) or evicted (annotation waso.dev/resume) session back"),
     ):
-        parser_ = commands.add_parser(command, help=text)
+        parser_ = commands.add_parser(command, help=text, parents=[cluster])
         parser_.add_argument("session", metavar="NAMESPACE/NAME")
         parser_.set_defaults(handler=_evict)
 
     _migrate_parser(commands)
 
-    status = commands.add_parser("status", help="report tenants and sessions (kubeconfig: KUBECONFIG)")
-    status.add_argument("session", nargs="?", help="only this session")
+    status = commands.add_parser("status", help="report tenants and sessions", parents=[cluster])
+    status.add_argument("session", nargs="?", help="only this session (with -n)")
     status.add_argument("-n", "--namespace", help="only this tenant; default: all")
-    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.add_argument("-A", "--all-namespaces", action="store_true", help="every tenant (the default)")
+    status.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
     status.set_defaults(handler=_status)
 
     legacy = commands.add_parser(
@@ -230,9 +244,20 @@ def _migrate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     migrate.set_defaults(handler=_migrate)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+def main(argv: list[str] | None = None, prog: str = "waso") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except CliError as error:
+        print(f"{prog} {args.command}: {error}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def kubectl_main() -> int:
+    """``kubectl waso ...``: kubectl runs ``kubectl-waso`` found on PATH (installed with the package)."""
+    return main(prog="kubectl waso")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import asyncio
 import sys
 
 from waso.api.session import REPAIR_ANNOTATION, ROLLBACK_ANNOTATION
+from waso.cli.connection import Cluster
 from waso.cli.requests import annotate, new_token, parse_target
-from waso.kube import ApiError
 
 
-def main(words: list[str], backup: str | None) -> int:
+def main(cluster: Cluster, words: list[str], backup: str | None) -> int:
     rollback = bool(words) and words[0] == "rollback"
     rest = words[1:] if rollback else words
     target = parse_target(rest[0]) if len(rest) == 1 else None
@@ -29,11 +29,7 @@ def main(words: list[str], backup: str | None) -> int:
     annotation, value = (
         (ROLLBACK_ANNOTATION, f"{backup or 'latest'}#{token}") if rollback else (REPAIR_ANNOTATION, token)
     )
-    try:
-        asyncio.run(annotate(target, annotation, value))
-    except (ApiError, OSError) as error:
-        print(f"waso repair: {'/'.join(target)}: {error}", file=sys.stderr)
-        return 1
+    asyncio.run(annotate(cluster, target, annotation, value))
     what = f"rollback to {backup or 'the latest backup'}" if rollback else "repair"
     print(f"{what} of {'/'.join(target)} requested; follow it with: kubectl describe was {target[1]} -n {target[0]}")
     return 0

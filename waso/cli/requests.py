@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from waso.api.session import WhatsAppSession
-from waso.kube import KubeClient, reference
+from waso.cli.connection import Cluster, connect, explain
+from waso.kube import ApiError, Unreachable, reference
 
 FIELD_MANAGER = "waso-cli"
 
@@ -26,18 +27,26 @@ def new_token() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
-async def read_session(target: tuple[str, str]) -> dict[str, Any]:
-    kube = KubeClient.connect(threads=1)
+async def read_session(cluster: Cluster, target: tuple[str, str]) -> dict[str, Any]:
+    """The session; raises CliError (not found, forbidden, unreachable) with one line to print."""
+    kube = connect(cluster, threads=1)
     try:
         return await kube.get(WhatsAppSession.KIND, *target)
+    except (ApiError, Unreachable, OSError) as error:
+        raise explain(error, f"WhatsAppSession {'/'.join(target)}") from None
     finally:
         kube.close()
 
 
-async def annotate(target: tuple[str, str], annotation: str, value: str) -> None:
-    kube = KubeClient.connect(threads=1)
+async def patch_session(cluster: Cluster, target: tuple[str, str], patch: dict[str, Any]) -> None:
+    kube = connect(cluster, threads=1)
     try:
-        patch = {"metadata": {"annotations": {annotation: value}}}
         await kube.merge_patch(reference(WhatsAppSession.KIND, *target), patch, FIELD_MANAGER)
+    except (ApiError, Unreachable, OSError) as error:
+        raise explain(error, f"WhatsAppSession {'/'.join(target)}") from None
     finally:
         kube.close()
+
+
+async def annotate(cluster: Cluster, target: tuple[str, str], annotation: str, value: str) -> None:
+    await patch_session(cluster, target, {"metadata": {"annotations": {annotation: value}}})

@@ -1,4 +1,4 @@
-"""`waso status`: one tenant (or all) as a report, or as JSON with `-o json`.
+"""`waso status` (and `kubectl waso status`): one tenant (or all) as a report, or as JSON or YAML.
 
 Everything is gathered into one plain structure first, so the JSON output is exactly
 what the text report prints: per tenant the quota in force and usage, every session
@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Iterable
 from typing import Any
+
+import yaml
 
 from waso.api.conditions import find_condition
 from waso.api.quota import TenantQuota
 from waso.api.session import WhatsAppSession
 from waso.api.tenancy import QuotaFacts, honoured_quota, quota_facts
-from waso.kube import ApiError, KubeClient
+from waso.cli.connection import EXIT_NOT_FOUND, CliError, Cluster, connect, explain
+from waso.kube import ApiError, KubeClient, Unreachable
 
 
 async def gather(kube: KubeClient, namespace: str | None, name: str | None) -> dict[str, Any]:
@@ -85,6 +87,9 @@ def render(report: dict[str, Any]) -> str:
             if quota["ignored"]:
                 summary += f" (ignored TenantQuotas: {', '.join(quota['ignored'])})"
         lines += [f"Tenant {tenant['namespace']}: {summary}", ""]
+        if not tenant["sessions"]:
+            lines += ["  no WhatsAppSessions in this namespace", ""]
+            continue
         header = ("NAME", "PHONE", "PHASE", "READY", "SHARD", "DEVICE", "STATE")
         rows = [header] + [
             tuple(
@@ -102,14 +107,21 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) if lines else "no WhatsAppSessions or TenantQuotas found\n"
 
 
-def main(namespace: str | None, name: str | None, output: str) -> int:
-    kube = KubeClient.connect(threads=2)
+def main(cluster: Cluster, namespace: str | None, name: str | None, output: str) -> int:
+    kube = connect(cluster)
     try:
         report = asyncio.run(gather(kube, namespace, name))
-    except ApiError as error:
-        print(f"waso status: {error}", file=sys.stderr)
-        return 1
+    except (ApiError, Unreachable, OSError) as error:
+        raise explain(error) from None
     finally:
         kube.close()
-    print(json.dumps(report, indent=2) if output == "json" else render(report))
+    if name and not any(t["sessions"] for t in report["tenants"]):
+        where = f" in namespace {namespace}" if namespace else ""
+        raise CliError(f"WhatsAppSession {name} not found{where}", EXIT_NOT_FOUND)
+    if output == "json":
+        print(json.dumps(report, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(report, sort_keys=False), end="")
+    else:
+        print(render(report))
     return 0

@@ -1,0 +1,109 @@
+"""`waso` and `kubectl waso` as a person runs them: one line and an exit code when something is wrong, never a
+traceback; the report, suspend and resume against the real API server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ControlPlane
+from tests.operator_support import Tenants, api_token, create_session, get
+from tests.support import BIN
+
+VENV_BIN = Path(sys.executable).parent
+API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"  # the local API server's issuer (hack/localcluster.py)
+
+
+def run(*args: str, kubeconfig: Path | str | None = None, kubectl: bool = False) -> subprocess.CompletedProcess[str]:
+    """`waso ARGS`, or `kubectl waso ARGS` through kubectl's plugin lookup on PATH."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    env.pop("KUBECONFIG", None)
+    flags = ["--kubeconfig", str(kubeconfig)] if kubeconfig is not None else []
+    command = [str(BIN / "kubectl"), "waso", *args, *flags] if kubectl else [str(VENV_BIN / "waso"), *args, *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int, prefix: str) -> str:
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(prefix), line
+    return line
+
+
+def kubeconfig_with(control_plane: ControlPlane, tmp_path: Path, server: str | None = None, token: str = "") -> Path:
+    """The test cluster's kubeconfig with another server address or another user's token."""
+    document = yaml.safe_load(control_plane.kubeconfig.read_text())
+    if server is not None:
+        for entry in document["clusters"]:
+            entry["cluster"]["server"] = server
+    if token:
+        for entry in document["users"]:
+            entry["user"] = {"token": token}
+    path = tmp_path / f"kubeconfig-{len(list(tmp_path.glob('kubeconfig-*')))}"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.mark.parametrize("kubectl", [False, True], ids=["waso", "kubectl-waso"])
+def test_failures_are_one_line_with_their_exit_code(
+    control_plane: ControlPlane, tenants: Tenants, tmp_path: Path, kubectl: bool
+) -> None:
+    prefix = "kubectl waso status: " if kubectl else "waso status: "
+    missing = one_line(run("status", kubeconfig=tmp_path / "absent", kubectl=kubectl), 3, prefix)
+    assert "no kubeconfig at" in missing
+    assert "--kubeconfig" in missing
+
+    closed = kubeconfig_with(control_plane, tmp_path, server="https://127.0.0.1:9")
+    unreachable = one_line(run("status", kubeconfig=closed, kubectl=kubectl), 3, prefix)
+    assert "cannot reach the API server" in unreachable
+
+    namespace = tenants.namespace("acme")
+    nobody = api_token(control_plane.api, namespace, "nobody", rules=None, audience=API_AUDIENCE)
+    stranger = kubeconfig_with(control_plane, tmp_path, token=nobody)
+    forbidden = one_line(run("status", kubeconfig=stranger, kubectl=kubectl), 4, prefix)
+    assert forbidden.startswith(f"{prefix}forbidden: ")
+    assert f"system:serviceaccount:{namespace}:nobody" in forbidden
+
+    absent = one_line(run("status", "-n", namespace, "ghost", kubeconfig=control_plane.kubeconfig, kubectl=kubectl),
+                      5, prefix)  # fmt: skip
+    assert absent == f"{prefix}WhatsAppSession ghost not found in namespace {namespace}"
+
+    wrong_context = run("status", "--context", "nope", kubeconfig=control_plane.kubeconfig, kubectl=kubectl)
+    assert "kubeconfig not usable" in one_line(wrong_context, 3, prefix)
+
+
+def test_status_suspend_and_resume_of_a_session(control_plane: ControlPlane, tenants: Tenants) -> None:
+    namespace = tenants.namespace("acme")
+    empty = run("status", "-n", namespace, kubeconfig=control_plane.kubeconfig, kubectl=True)
+    assert empty.returncode == 0, empty.stderr
+    create_session(control_plane.api, namespace, "s1", "+4915112345601")
+
+    report = run("status", "-n", namespace, "-o", "yaml", kubeconfig=control_plane.kubeconfig, kubectl=True)
+    assert report.returncode == 0, report.stderr
+    (tenant,) = yaml.safe_load(report.stdout)["tenants"]
+    assert tenant["namespace"] == namespace
+    assert [s["name"] for s in tenant["sessions"]] == ["s1"]
+    assert tenant["sessions"][0]["phone"] == "+4915112345601"
+
+    suspended = run("suspend", f"{namespace}/s1", kubeconfig=control_plane.kubeconfig, kubectl=True)
+    assert suspended.returncode == 0, suspended.stderr
+    assert get(control_plane.api, namespace, "s1")["spec"]["suspend"] is True
+    again = run("suspend", f"{namespace}/s1", kubeconfig=control_plane.kubeconfig)
+    assert "is suspended already; nothing requested" in one_line(again, 1, "waso suspend: ")
+
+    resumed = run("resume", f"{namespace}/s1", kubeconfig=control_plane.kubeconfig, kubectl=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert get(control_plane.api, namespace, "s1")["spec"]["suspend"] is False
+    not_evicted = run("resume", f"{namespace}/s1", kubeconfig=control_plane.kubeconfig)
+    assert "is not evicted" in one_line(not_evicted, 1, "waso resume: ")
+
+    ghost = run("evict", f"{namespace}/ghost", kubeconfig=control_plane.kubeconfig)
+    assert one_line(ghost, 5, "waso evict: ") == f"waso evict: WhatsAppSession {namespace}/ghost not found"
+    usage = run("evict", "not-a-target", kubeconfig=control_plane.kubeconfig)
+    assert "usage: waso evict NAMESPACE/NAME" in one_line(usage, 2, "waso evict: ")
