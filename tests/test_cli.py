@@ -6,14 +6,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests import test_runtime
 from tests.conftest import ControlPlane
 from tests.operator_support import Tenants, api_token, create_session, get
-from tests.support import BIN
+from tests.runtime_support import SseStream, http_json
+from tests.support import BIN, wait_for
+from tests.test_runtime import PHONE, World
+from waso.cli.pair import QUIET_ZONE, draw, qr_matrix, read_drawing
+
+simulator = test_runtime.simulator
+operator = test_runtime.operator
+world = test_runtime.world
 
 VENV_BIN = Path(sys.executable).parent
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"  # the local API server's issuer (hack/localcluster.py)
@@ -107,3 +116,43 @@ def test_status_suspend_and_resume_of_a_session(control_plane: ControlPlane, ten
     assert one_line(ghost, 5, "waso evict: ") == f"waso evict: WhatsAppSession {namespace}/ghost not found"
     usage = run("evict", "not-a-target", kubeconfig=control_plane.kubeconfig)
     assert "usage: waso evict NAMESPACE/NAME" in one_line(usage, 2, "waso evict: ")
+
+
+@pytest.mark.simulator_args("--qr-interval", "120")  # one QR code for the whole test: no rotation to race
+def test_kubectl_waso_pair_draws_the_simulators_qr_and_ends_when_it_is_scanned(world: World) -> None:
+    runtime = world.runtime()
+    world.session()
+    world.wait_state("AwaitingPairing")
+    stream = SseStream(runtime.port, "/v1/sessions/s1/qr", token=world.token)
+    offered = stream.until("qr")["code"]
+    stream.close()
+
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    command = [str(BIN / "kubectl"), "waso", "pair", f"{world.namespace}/s1", "--url", runtime.url,
+               "--service-account", "app", "--kubeconfig", str(world.kubeconfig)]  # fmt: skip
+    pair = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(pair.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(line.startswith("Scan with WhatsApp") for line in lines), timeout=60,
+                 what="the QR drawn by kubectl waso pair")  # fmt: skip
+        scan_line = next(i for i, line in enumerate(lines) if line.startswith("Scan"))
+        drawing = [line.rstrip("\n") for line in lines[:scan_line]]
+        assert read_drawing(drawing) == qr_matrix(offered)  # the modules of the code the simulator offers
+
+        scanned = http_json("POST", f"{world.simulator.url}/v1/phones/{PHONE}/scan", {"code": offered})
+        assert scanned.status == 200, scanned.body
+        assert pair.wait(timeout=60) == 0, pair.stderr.read()
+        reader.join(10)
+        assert lines[-1].strip() == f"paired: {world.namespace}/s1 is linked as {scanned.body['jid']}"
+    finally:
+        pair.kill()
+    world.wait_state("Connected")
+
+
+def test_a_drawing_reads_back_to_its_modules() -> None:
+    matrix = qr_matrix("2@" + "x" * 60 + ",4915112345601,1")
+    for invert in (False, True):
+        assert read_drawing(draw(matrix, invert), invert) == matrix
+    assert len(draw(matrix)) == (len(matrix) + 2 * QUIET_ZONE + 1) // 2

@@ -98,6 +98,13 @@ def _repair(args: argparse.Namespace) -> int:
     return main(_cluster(args), args.words, args.backup)
 
 
+def _pair(args: argparse.Namespace) -> int:
+    from waso.cli.pair import main
+
+    return main(_cluster(args), args.session, url=args.url, service_account=args.service_account, token=args.token,
+                code=args.code, invert=args.invert)  # fmt: skip
+
+
 def _evict(args: argparse.Namespace) -> int:
     from waso.cli.evict import main
 
@@ -171,6 +178,20 @@ def build_parser(prog: str = "waso") -> argparse.ArgumentParser:
         parser_ = commands.add_parser(command, help=text, parents=[cluster])
         parser_.add_argument("session", metavar="NAMESPACE/NAME")
         parser_.set_defaults(handler=_evict)
+
+    pair = commands.add_parser(
+        "pair", parents=[cluster], help="draw the session's QR code in the terminal until a phone links it"
+    )
+    pair.add_argument("session", metavar="NAMESPACE/NAME")
+    pair.add_argument("--code", action="store_true", help="pair by phone number: print the code to enter instead")
+    pair.add_argument(
+        "--service-account", default="app", metavar="NAME",
+        help="the tenant's ServiceAccount whose 10-minute token calls the runtime (default: app)",
+    )  # fmt: skip
+    pair.add_argument("--token", help="a token for the audience waso instead (also WASO_TOKEN)")
+    pair.add_argument("--url", help="the runtime's base URL, instead of a port-forward to its session pod")
+    pair.add_argument("--invert", action="store_true", help="dark modules as blocks (light terminals)")
+    pair.set_defaults(handler=_pair)
 
     _migrate_parser(commands)
 
