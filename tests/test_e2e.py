@@ -12,7 +12,9 @@ namespaces, so the other tests' operators never meet it.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -183,6 +185,18 @@ def test_samples_installed_by_helm_become_ready_under_pod_security_restricted(re
     finally:
         forward.kill()
         forward.wait()
+    # kubectl waso pair gets there by itself (a port-forward and a token of the sample's ServiceAccount): the
+    # runtime's 409 for a session already connected shows that it was reached and accepted the caller.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    pair = subprocess.run(
+        [str(BIN / "kubectl"), "waso", "pair", f"{acme}/{served['metadata']['name']}",
+         f"--kubeconfig={release.control_plane.kubeconfig}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert pair.returncode == 1, pair.stdout + pair.stderr
+    assert pair.stderr.strip() == (
+        "kubectl waso pair: the runtime answered 409: the session is already paired and connected"
+    )
 
 
 def test_a_deleted_session_pod_stops_cleanly_and_its_successor_reconnects_without_a_new_qr(release: Release) -> None:
