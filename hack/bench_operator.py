@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
-"""`make bench-operator`: 1000 sessions in 100 tenant namespaces on a fresh local control plane.
+"""`make bench-operator`: the operator's scale curve, each size on a fresh local control plane.
 
-Prints the time the operator needs until every session has its admission decision
-and shard, the operator's peak RSS, and, measured in the same run on the same API
-server, the floor: the time a plain client needs for the same number of status writes.
+For 1,000 / 5,000 / 10,000 sessions in 100 / 500 / 1,000 tenant namespaces (``--sizes``):
+the time until every session has its admission decision and shard, the floor (the same
+number of plain status writes by a plain client, same run, same API server), the ratio,
+the operator's CPU seconds per 1,000 sessions, its peak RSS and the API writes it made per
+session (the API server's own request counter). With the largest size present, then: the
+create→Admitted latency p50/p99 of new sessions, the steady-state cost with nothing changing
+(operator CPU, and API requests per minute over the same window without the operator), and
+the failover from a killed leader to its standby's first decision.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,24 +38,47 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sessions", type=int, default=1000)
-    parser.add_argument("--tenants", type=int, default=100)
+    parser.add_argument("--sizes", default="1000:100,5000:500,10000:1000", help="SESSIONS:TENANTS,...")
     parser.add_argument("--threads", type=int, default=16, help="client threads for creates and the floor")
     args = parser.parse_args()
-    per_tenant = args.sessions // args.tenants
+    sizes = [tuple(int(n) for n in size.split(":")) for size in args.sizes.split(",")]
+    rows = []
+    for index, (sessions, tenants) in enumerate(sizes):
+        with tempfile.TemporaryDirectory(prefix="waso-bench-") as tmp:
+            # The operator against the API server: a node would run (or fail to pull) a pod for each of the
+            # tenants and take the CPU the measurement is about.
+            cluster = LocalCluster(Path(tmp) / "cluster", node=False)
+            cluster.start(tied=True)
+            try:
+                last = index == len(sizes) - 1
+                row = run(cluster.kubeconfig, sessions, tenants, sessions // tenants, args.threads, Path(tmp), last)
+            finally:
+                cluster.stop()
+        if row is None:
+            return 1
+        rows.append(row)
+    print()
+    print("sessions | namespaces | operator s | floor s | ratio | CPU s/1000 | peak RSS MiB | API writes/session")
+    for row in rows:
+        ratio = row.operator_seconds / row.floor_seconds
+        print(f"{row.sessions:>8} | {row.tenants:>10} | {row.operator_seconds:>10.1f} | {row.floor_seconds:>7.1f} | "
+              f"{ratio:>5.2f} | {row.cpu_per_1000:>10.1f} | {row.peak_rss_mib:>12.1f} | "
+              f"{row.writes_per_session:>18.2f}")  # fmt: skip
+    return 0
 
-    with tempfile.TemporaryDirectory(prefix="waso-bench-") as tmp:
-        # The operator against the API server: a node would run (or fail to pull) a pod for each of the
-        # 100 tenants and take the CPU the measurement is about.
-        cluster = LocalCluster(Path(tmp) / "cluster", node=False)
-        cluster.start(tied=True)
-        try:
-            return run(cluster.kubeconfig, args.sessions, args.tenants, per_tenant, args.threads, Path(tmp))
-        finally:
-            cluster.stop()
+
+@dataclass(frozen=True)
+class Row:
+    sessions: int
+    tenants: int
+    operator_seconds: float
+    floor_seconds: float
+    cpu_per_1000: float
+    peak_rss_mib: float
+    writes_per_session: float
 
 
-def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: int, tmp: Path) -> int:
+def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: int, tmp: Path, last: bool) -> Row | None:
     api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
     api.configuration.connection_pool_maxsize = threads
     subprocess.run(
@@ -95,7 +125,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
-        "WASO_MAX_SESSIONS": str(total),
+        "WASO_MAX_SESSIONS": str(total + LATENCY_PROBES),
         "WASO_DEFAULT_QUOTA__MAX_SESSIONS": str(per_tenant),
         "WASO_METRICS_PORT": "0",
         "WASO_RUNTIME_IMAGE": "waso:bench",
@@ -111,11 +141,12 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
             env={**env, "POD_NAME": name}, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
 
+    writes_before = api_requests(kubeconfig, WRITE_VERBS)
     started = time.monotonic()
     operator = start_operator("operator-0", wrapper)
     decided = 0
     try:
-        while time.monotonic() - started < 600:
+        while time.monotonic() - started < 3600:
             items = cast(dict[str, Any], custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))["items"]
             decided = sum(1 for o in items if _decided_and_placed(o))
             if decided == total:
@@ -126,15 +157,19 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         operator_seconds = time.monotonic() - started
         peak_rss_mib = _peak_rss_kib(operator.pid) / 1024
         operator_cpu = _cpu_seconds(operator.pid)
-        failovers = measure_failovers(custom, operator, start_operator, tmp) if decided == total else []
+        writes = api_requests(kubeconfig, WRITE_VERBS) - writes_before
+        if last and decided == total:
+            latencies = measure_latency(custom, core)
+            steady = measure_steady_state(kubeconfig, operator)
+            failovers = measure_failovers(custom, operator, start_operator, tmp)
     finally:
         operator.kill()
         operator.wait()
         if os.environ.get("WASO_BENCH_KEEP_LOG"):
             subprocess.run(["cp", log.name, os.environ["WASO_BENCH_KEEP_LOG"]], check=False)
     if decided != total:
-        print(f"only {decided} of {total} sessions decided within 600 s", file=sys.stderr)
-        return 1
+        print(f"only {decided} of {total} sessions decided within 3600 s", file=sys.stderr)
+        return None
 
     print(f"sessions: {total} in {tenants} namespaces (created in {create_seconds:.1f} s by {threads} client threads)")
     print(f"operator: every session admitted and placed in {operator_seconds:.1f} s from operator start "
@@ -142,12 +177,92 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     print(f"operator peak RSS: {peak_rss_mib:.1f} MiB; operator CPU time {operator_cpu:.1f} s")
     print(f"floor: {total} status writes by a plain client in {floor_seconds:.1f} s ({total / floor_seconds:.0f}/s)")
     print(f"ratio operator/floor: {operator_seconds / floor_seconds:.2f}")
-    print(
-        f"failover with {total} sessions: kill -9 of the leader → the standby's first decision in "
-        + ", ".join(f"{s:.1f} s" for s in failovers)
-        + f" (lease {LEASE_SECONDS} s; best {min(failovers):.1f} s)"
-    )
-    return 0
+    print(f"API writes while admitting and placing: {writes} ({writes / total:.2f} per session)")
+    if last:
+        print(
+            f"with {total} sessions present: create→Admitted of {LATENCY_PROBES} new sessions, one at a time: "
+            f"p50 {_percentile(latencies, 50) * 1000:.0f} ms, p99 {_percentile(latencies, 99) * 1000:.0f} ms"
+        )
+        print(
+            f"steady state, nothing changing, {STEADY_SECONDS:.0f} s: operator CPU {steady[0]:.2f} s "
+            f"({steady[0] / STEADY_SECONDS * 100:.2f}% of a core); API requests per minute: {steady[1]:.0f} "
+            f"with the operator, {steady[2]:.0f} without it (the control plane's own)"
+        )
+        print(
+            f"failover with {total} sessions: kill -9 of the leader → the standby's first decision in "
+            + ", ".join(f"{s:.1f} s" for s in failovers)
+            + f" (lease {LEASE_SECONDS} s; best {min(failovers):.1f} s)"
+        )
+    return Row(total, tenants, operator_seconds, floor_seconds, operator_cpu / total * 1000, peak_rss_mib,
+               writes / total)  # fmt: skip
+
+
+LATENCY_PROBES = 100
+STEADY_SECONDS = 60.0
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+READ_VERBS = ("GET", "LIST")
+
+
+def api_requests(kubeconfig: Path, verbs: tuple[str, ...]) -> int:
+    """The API server's count of finished requests with these verbs (apiserver_request_total), all clients."""
+    metrics = subprocess.run(
+        [str(ROOT / "bin/kubectl"), f"--kubeconfig={kubeconfig}", "get", "--raw", "/metrics"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("apiserver_request_total{") and any(f'verb="{v}"' in line for v in verbs):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def measure_latency(custom: client.CustomObjectsApi, core: client.CoreV1Api) -> list[float]:
+    """New sessions, one at a time, each in a namespace of its own (quota room): create → Admitted=True."""
+    latencies = []
+    for i in range(LATENCY_PROBES):
+        namespace = f"latency-{i:03d}"
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "WhatsAppSession",
+            "metadata": {"name": "probe", "namespace": namespace}, "spec": {"phoneNumber": f"+4915288{i:06d}"},
+        }  # fmt: skip
+        started = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        while time.monotonic() - started < 60:
+            obj = cast(dict[str, Any], custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "probe"))
+            conditions = obj.get("status", {}).get("conditions", [])
+            if any(c["type"] == "Admitted" and c["status"] == "True" for c in conditions):
+                break
+            time.sleep(0.01)
+        latencies.append(time.monotonic() - started)
+    return latencies
+
+
+def measure_steady_state(kubeconfig: Path, operator: subprocess.Popen[bytes]) -> tuple[float, float, float]:
+    """Operator CPU seconds over a window with no changes, and API requests per minute with and without it.
+
+    The control plane's own components make requests too: the same window is measured again with the
+    operator stopped (SIGSTOP, resumed afterwards), so the difference is the operator's.
+    """
+    verbs = WRITE_VERBS + READ_VERBS
+    time.sleep(5)  # the latency probes' last writes settle
+    cpu, requests = _cpu_seconds(operator.pid), api_requests(kubeconfig, verbs)
+    time.sleep(STEADY_SECONDS)
+    cpu_used = _cpu_seconds(operator.pid) - cpu
+    with_operator = (api_requests(kubeconfig, verbs) - requests) * 60 / STEADY_SECONDS
+    os.kill(operator.pid, signal.SIGSTOP)
+    try:
+        requests = api_requests(kubeconfig, verbs)
+        time.sleep(STEADY_SECONDS)
+        without = (api_requests(kubeconfig, verbs) - requests) * 60 / STEADY_SECONDS
+    finally:
+        os.kill(operator.pid, signal.SIGCONT)
+    return cpu_used, with_operator, without
+
+
+def _percentile(values: list[float], percentile: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, len(ordered) * percentile // 100)]
 
 
 LEASE_SECONDS = 10
