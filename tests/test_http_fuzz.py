@@ -142,7 +142,11 @@ def served_runtime(world: World, **settings: Any) -> Iterator[Served]:
 
 @pytest.fixture
 def api(world: World) -> Iterator[tuple[World, Served]]:
-    """The in-process runtime of world's tenant: s1 waiting for pairing, s2 paired and connected."""
+    """The in-process runtime of world's tenant: s1 waiting for pairing, s2 paired and connected.
+
+    The tenant's message limit is low, so that the fuzz's sends reach it (429) whatever mix of requests the
+    fixed seed draws."""
+    create_quota(world.api, world.namespace, maxSessions=5, messagesPerMinute=20)
     world.session("s1", PHONE)
     world.session("s2", PHONE2)
     with served_runtime(world) as served:
