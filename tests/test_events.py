@@ -146,9 +146,11 @@ def test_a_backlog_outlives_a_dead_endpoint_and_a_killed_runtime(
     assert backlog["consecutiveFailures"] > 0
     assert "posting to" in backlog["lastError"]
 
+    before = world.runtime_status()["connectedAt"]
     runtime.stop(kill=True)  # SIGKILL with 20 events accepted and none delivered
     world.runtime(0, "data", **FAST_STATUS, **store)
-    world.wait_state("Connected")
+    wait_for(lambda: (r := world.runtime_status()).get("state") == "Connected" and r.get("connectedAt") != before,
+             timeout=60, what="s1 connected by the new runtime")  # fmt: skip
     texts += [inbound(world, n) for n in range(20, 30)]
     # The endpoint stays down a full minute, as the acceptance asks; the backlog holds meanwhile.
     wait_for(lambda: time.monotonic() - went_down >= 60 and deliveries(world, "app").get("backlog") == 30,

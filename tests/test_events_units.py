@@ -17,6 +17,7 @@ from waso.api.webhook import EventType, LabelSelector, SecretKeyReference, Webho
 from waso.session_runtime.backoff import Backoff
 from waso.session_runtime.events import (
     LANES,
+    Delivery,
     EventHub,
     MemoryOutbox,
     SessionEvent,
@@ -75,6 +76,7 @@ async def hub() -> AsyncIterator[EventHub]:
         lambda session: labels.get(session, {}),
         backoff=lambda: Backoff(base=0.01, cap=0.05),
     )
+    found.subscribed.set()  # as after the runtime's first listing of Webhooks
     async with aiohttp.ClientSession() as http:
         found.start(http)
         yield found
@@ -173,6 +175,7 @@ async def test_an_unreadable_key_is_reported_and_nothing_is_sent_unsigned(receiv
         raise PermissionError("403 secrets hook-key is forbidden")
 
     hub = EventHub("acme", 0, MemoryOutbox(10), forbidden, lambda session: {})
+    hub.subscribed.set()
     async with aiohttp.ClientSession() as http:
         hub.start(http)
         await hub.update(webhook("app", receiver.url))
@@ -202,3 +205,16 @@ def test_a_full_intake_drops_instead_of_waiting() -> None:
         return hub.intake.qsize()
 
     assert asyncio.run(scenario()) == 3
+
+
+def test_a_full_webhook_share_of_the_memory_outbox_refuses_only_that_webhook() -> None:
+    async def scenario() -> tuple[int, int, int, int]:
+        outbox = MemoryOutbox(3)
+        body = b"{}"
+        dead = [Delivery("dead", 0, n, f"e{n}", body) for n in range(5)]
+        kept_dead = await outbox.add(dead)
+        kept_live = await outbox.add([Delivery("live", 1, 9, "e9", body)])
+        await outbox.retain({"live"})  # "dead" was deleted while nobody watched
+        return kept_dead, kept_live, await outbox.backlog("dead"), await outbox.backlog("live")
+
+    assert asyncio.run(scenario()) == (3, 1, 0, 1)

@@ -133,6 +133,10 @@ async def test_the_outbox_keeps_order_per_lane_ignores_repeats_and_is_per_shard(
     await shard0.drop("wh-a")
     assert await shard0.backlog("wh-a") == 0
     assert await shard0.backlog("wh-b") == 1
+    await shard0.add([Delivery("wh-c", 2, 40, "c1", body)])
+    await shard0.retain({"wh-c"})  # wh-b was deleted while the runtime was away
+    assert await shard0.backlog("wh-b") == 0
+    assert await shard0.backlog("wh-c") == 1
     assert (await shard1.head("wh-a", 0)) == Delivery("wh-a", 0, 1, "other-shard", body)
 
 

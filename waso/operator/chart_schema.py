@@ -39,6 +39,8 @@ QUANTITY_PATTERN = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[e
 """A Kubernetes quantity: what the CRDs' ``isQuantity`` CEL rule accepts, as a JSON Schema pattern."""
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+Namespace = Annotated[str, Field(max_length=63, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")]
+"""A namespace name, or empty for the release namespace."""
 
 
 class _Values(BaseModel):
@@ -89,6 +91,41 @@ class Simulator(_Values):
     """Resources of the simulator container."""
 
 
+class PrometheusRule(_Values):
+    """waso's alerts (charts/waso/monitoring/alerts.yaml) as a PrometheusRule of the Prometheus Operator."""
+
+    enabled: bool = False
+    """Install it (the cluster needs the PrometheusRule CRD, monitoring.coreos.com/v1)."""
+    labels: dict[str, str] = {}
+    """Labels of the PrometheusRule, for the ruleSelector of the Prometheus that should load it (e.g. release:
+    kube-prometheus-stack)."""
+    namespace: Namespace = ""
+    """Its namespace; empty: the release namespace."""
+    runbook_base_url: str = ""
+    """Prefix of each alert's runbook_url (docs/monitoring.md#<alert>), e.g. the web address of this repository's
+    tree; empty: the path alone."""
+
+
+class Dashboard(_Values):
+    """The Grafana dashboard (charts/waso/monitoring/dashboard.json) as a ConfigMap for Grafana's dashboard sidecar."""
+
+    enabled: bool = False
+    """Install it."""
+    labels: dict[str, str] = {"grafana_dashboard": "1"}
+    """Labels of the ConfigMap: the label the sidecar looks for."""
+    annotations: dict[str, str] = {}
+    """Annotations of the ConfigMap (e.g. grafana_folder: waso, where the sidecar reads folders from one)."""
+    namespace: Namespace = ""
+    """Its namespace; empty: the release namespace (the sidecar may watch only Grafana's own)."""
+
+
+class Monitoring(_Values):
+    """Alerts and a dashboard for a Prometheus that scrapes the operator and the session pods (docs/monitoring.md)."""
+
+    prometheus_rule: PrometheusRule = PrometheusRule()
+    dashboard: Dashboard = Dashboard()
+
+
 class ChartValues(_Values):
     """The values of charts/waso."""
 
@@ -105,6 +142,7 @@ class ChartValues(_Values):
     resources: Resources = Resources(requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"})
     """Resources of the operator container."""
     simulator: Simulator = Simulator()
+    monitoring: Monitoring = Monitoring()
 
 
 def config_fields() -> dict[str, str]:

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,6 +63,10 @@ REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER
 log = logging.getLogger("waso.operator")
 
 Clock = Callable[[], datetime]
+
+
+class Deposed(Exception):
+    """This replica stopped leading during a pass: its remaining writes are not made."""
 
 
 def utc_now() -> datetime:
@@ -125,6 +129,8 @@ class Controller:
         self._writes = asyncio.Semaphore(config.write_concurrency)
         self.passes = 0
         self.attached = False
+        self.may_write: Callable[[], bool] = lambda: True
+        """Whether this replica still leads, checked before each write (``run`` wires it to the election)."""
         metrics.CAPACITY.set(config.max_sessions)
         settings = config.eviction
         self._eviction = EvictionPolicy(
@@ -159,6 +165,14 @@ class Controller:
     def poke(self) -> None:
         self._wake.set()
 
+    @contextlib.asynccontextmanager
+    async def _write_slot(self) -> AsyncIterator[None]:
+        """One of ``write_concurrency`` writes at once; none once this replica stopped leading."""
+        async with self._writes:
+            if not self.may_write():
+                raise Deposed("no longer the leader: write not made")
+            yield
+
     def poke_later(self, delay: float) -> None:
         """Another pass after ``delay`` seconds (failed writes), without spinning meanwhile."""
         loop = asyncio.get_running_loop()
@@ -175,6 +189,8 @@ class Controller:
 
     async def run(self, leadership: Leadership | None = None) -> None:
         """Passes, on every poke and at least every resync; with ``leadership``, only while leading."""
+        if leadership is not None:
+            self.may_write = leadership.holds
         while True:
             if leadership is not None and not leadership.leading.is_set():
                 await leadership.leading.wait()
@@ -182,6 +198,8 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.config.resync_seconds)
             self._wake.clear()
+            if leadership is not None and not leadership.holds():
+                continue  # deposed while waiting: not one more pass
             await asyncio.sleep(0.02)  # let a burst of watch events land in the indexes first
             try:
                 with metrics.RECONCILE.time():
@@ -193,6 +211,8 @@ class Controller:
                             log.warning("pass stopped: no longer the leader")
             except asyncio.CancelledError:
                 raise
+            except Deposed as stopped:
+                log.warning("pass stopped: %s", stopped)
             except Exception:
                 log.exception("reconcile pass failed; retrying")
                 await asyncio.sleep(1)
@@ -406,7 +426,7 @@ class Controller:
 
     async def _write_session(self, session: SessionFacts, verdict: Verdict, desired: WhatsAppSessionStatus) -> None:
         ref = reference(WhatsAppSession.KIND, session.namespace, session.name)
-        async with self._writes:
+        async with self._write_slot():
             if (
                 not session.deleting
                 and desired.shard is not None
@@ -434,7 +454,7 @@ class Controller:
     async def _release(self, session: SessionFacts, release: Release) -> None:
         """Let a deleted session go: drop the credentials finalizer this operator applied."""
         ref = reference(WhatsAppSession.KIND, session.namespace, session.name)
-        async with self._writes:
+        async with self._write_slot():
             try:
                 await self.kube.apply(_ownership(ref, session.shard, finalizer=False), MANAGER)
             except (ApiError, OSError) as error:
@@ -519,7 +539,7 @@ class Controller:
 
     async def _write_quota(self, quota: QuotaFacts, honoured: QuotaFacts | None, used: int, now: datetime) -> None:
         desired = desired_quota_status(quota, honoured, used, now).to_wire()
-        async with self._writes:
+        async with self._write_slot():
             result = await self.quota_status.write(
                 quota.namespace, quota.name, desired, quota.status.to_wire(), quota.resource_version
             )
@@ -547,7 +567,7 @@ class Controller:
             objects.sort(key=lambda obj: obj["kind"] == "Role")
         failures: list[ApiError] = []
         gone = False
-        async with self._writes:
+        async with self._write_slot():
             for obj in objects:
                 if failures and (has_sessions or obj["kind"] == "Role"):
                     break  # in creation order, what follows needs what failed; the Role waits for the rest
@@ -580,7 +600,7 @@ class Controller:
         fingerprint = json.dumps(objects, sort_keys=True)
         if self.applied_reviews == fingerprint:
             return
-        async with self._writes:
+        async with self._write_slot():
             try:
                 for obj in objects:
                     await self.kube.apply(obj, MANAGER)

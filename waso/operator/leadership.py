@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
-from waso.kube import ApiError, KubeClient
+from waso.kube import KubeClient
 from waso.lease_keeper import LeaseKeeper
 from waso.leases import still_held
 from waso.operator import metrics
@@ -57,26 +57,38 @@ class Leadership:
         return self.renewed is not None and still_held(self.renewed, self.duration, self.clock())
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline: asyncio.TimerHandle | None = None
         while True:
             try:
                 renewed = await self.keeper.hold(self.lease)
-            except (ApiError, OSError) as error:
-                log.warning("leader lease %s/%s not readable: %s", self.namespace, self.lease, error)
+            except Exception as error:  # any failure is a renewal that did not happen; the loop goes on
+                log.warning("leader lease %s/%s not renewed: %s", self.namespace, self.lease, error)
                 renewed = None
             if renewed is not None:
                 self.renewed = renewed
+                if deadline is not None:
+                    deadline.cancel()
+                # Stand down on time even while the next renewal hangs on a slow API server.
+                margin = max(1.0, self.duration / 3)
+                remaining = (renewed - self.clock()).total_seconds() + self.duration - margin
+                deadline = loop.call_later(max(0.0, remaining), self._check)
             if self.holds() and not self.leading.is_set():
                 log.info("leading as %s (Lease %s/%s)", self.identity, self.namespace, self.lease)
                 self.deposed.clear()
                 self.leading.set()
                 metrics.LEADER.set(1)
-            elif not self.holds() and self.leading.is_set():
-                log.warning("no longer the leader: the lease was not renewed in time; standing by")
-                self.leading.clear()
-                self.deposed.set()
-                metrics.LEADER.set(0)
+            self._check()
             pause = self.duration / 3 if self.leading.is_set() else self.keeper.retry_after(self.lease)
             await asyncio.sleep(pause)
+
+    def _check(self) -> None:
+        """Stand down once the lease may have passed to a standby."""
+        if self.leading.is_set() and not self.holds():
+            log.warning("no longer the leader: the lease was not renewed in time; standing by")
+            self.leading.clear()
+            self.deposed.set()
+            metrics.LEADER.set(0)
 
     async def release(self) -> None:
         """On a clean stop: a standby takes over at once instead of after the lease runs out."""

@@ -135,22 +135,32 @@ class Outbox(Protocol):
         """Forget a deleted Webhook's deliveries."""
         ...
 
+    async def retain(self, webhooks: set[str]) -> None:
+        """Forget the deliveries of every Webhook not named (deleted while this runtime was away)."""
+        ...
+
 
 class MemoryOutbox:
-    """The outbox without a message store: bounded, and lost with the process (docs/events.md)."""
+    """The outbox without a message store: bounded per Webhook (a dead endpoint fills only its own share), and
+    lost with the process (docs/events.md)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        """Deliveries kept per Webhook."""
         self.lanes: dict[tuple[str, int], deque[Delivery]] = {}
-        self.size = 0
+        self.sizes: dict[str, int] = {}
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes.values())
 
     async def add(self, deliveries: list[Delivery]) -> int:
         kept = 0
         for delivery in deliveries:
-            if self.size >= self.capacity:
-                break
+            if self.sizes.get(delivery.webhook, 0) >= self.capacity:
+                continue
             self.lanes.setdefault((delivery.webhook, delivery.lane), deque()).append(delivery)
-            self.size += 1
+            self.sizes[delivery.webhook] = self.sizes.get(delivery.webhook, 0) + 1
             kept += 1
         return kept
 
@@ -162,14 +172,19 @@ class MemoryOutbox:
         queue = self.lanes.get((delivery.webhook, delivery.lane))
         if queue and queue[0] == delivery:
             queue.popleft()
-            self.size -= 1
+            self.sizes[delivery.webhook] -= 1
 
     async def backlog(self, webhook: str) -> int:
         return sum(len(self.lanes.get((webhook, lane), ())) for lane in range(LANES))
 
     async def drop(self, webhook: str) -> None:
         for lane in range(LANES):
-            self.size -= len(self.lanes.pop((webhook, lane), ()))
+            self.lanes.pop((webhook, lane), None)
+        self.sizes.pop(webhook, None)
+
+    async def retain(self, webhooks: set[str]) -> None:
+        for webhook in set(self.sizes) - webhooks:
+            await self.drop(webhook)
 
 
 class MessageRecorder(Protocol):
@@ -199,6 +214,9 @@ class Endpoint:
     key_error: str | None
     stats: ShardDeliveries
     wake: list[asyncio.Event] = field(default_factory=lambda: [asyncio.Event() for _ in range(LANES)])
+    """Set when a lane has something new: a delivery, or a change of the Webhook."""
+    changed: list[asyncio.Event] = field(default_factory=lambda: [asyncio.Event() for _ in range(LANES)])
+    """Set when the Webhook or its key changed: ends a failing lane's back-off (new deliveries do not)."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -244,6 +262,8 @@ class EventHub:
         self.backoff = backoff
         self.intake: asyncio.Queue[SessionEvent] = asyncio.Queue(intake_capacity)
         self.endpoints: dict[str, Endpoint] = {}
+        self.subscribed = asyncio.Event()
+        """Set once the namespace's Webhooks have been listed: the intake waits for it."""
         self.sequence = Sequence(lambda: int(clock().timestamp() * 1e9))
         self.http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -258,30 +278,33 @@ class EventHub:
             metrics.EVENTS_DROPPED.labels(self.namespace, "intake-full").inc()
 
     async def _take(self) -> None:
+        await self.subscribed.wait()  # events of the first moments wait for the Webhooks, not dropped before them
         backoff = self.backoff()
         while True:
             batch = [await self.intake.get()]
             while len(batch) < INTAKE_BATCH and not self.intake.empty():
                 batch.append(self.intake.get_nowait())
-            while True:
-                try:
-                    await self.accept(batch)
-                    backoff.reset()
-                    break
-                except self.transient as error:
-                    # The store is down: events wait in the intake queue (bounded) until it is back.
-                    log.warning("message store unavailable, %d event(s) wait: %s", len(batch), error)
-                    await asyncio.sleep(backoff.next())
-                except Exception:
-                    log.exception("%d event(s) not accepted", len(batch))
-                    metrics.EVENTS_DROPPED.labels(self.namespace, "error").inc(len(batch))
-                    break
+            try:
+                plan = self.plan(batch)  # once: a retry keeps the sequence numbers, so a partial insert keeps order
+                while True:
+                    try:
+                        await self.accept(batch, plan)
+                        backoff.reset()
+                        break
+                    except self.transient as error:
+                        # The store is down: events wait in the intake queue (bounded) until it is back.
+                        log.warning("message store unavailable, %d event(s) wait: %s", len(batch), error)
+                        await asyncio.sleep(backoff.next())
+                    except Exception:
+                        log.exception("%d event(s) not accepted", len(batch))
+                        metrics.EVENTS_DROPPED.labels(self.namespace, "error").inc(len(batch))
+                        break
+            finally:
+                for _ in batch:
+                    self.intake.task_done()
 
-    async def accept(self, events: list[SessionEvent]) -> None:
-        """Record the messages, and put one delivery per interested Webhook in the outbox, in the events' order."""
-        messages = [e for e in events if e.type in MESSAGE_TYPES]
-        if self.recorder is not None and messages:
-            await self.recorder.record(messages)
+    def plan(self, events: list[SessionEvent]) -> tuple[list[Delivery], list[tuple[Endpoint, int]]]:
+        """One delivery per interested Webhook, numbered in the events' order, and the lanes to wake."""
         deliveries: list[Delivery] = []
         woken: list[tuple[Endpoint, int]] = []
         for event in events:
@@ -294,6 +317,16 @@ class EventHub:
             event_id = event.id(self.namespace)
             deliveries += [Delivery(e.uid, lane, self.sequence.next(), event_id, body) for e in interested]
             woken += [(e, lane) for e in interested]
+        return deliveries, woken
+
+    async def accept(
+        self, events: list[SessionEvent], plan: tuple[list[Delivery], list[tuple[Endpoint, int]]] | None = None
+    ) -> None:
+        """Record the messages, and put the deliveries of ``plan`` (default: planned now) in the outbox."""
+        messages = [e for e in events if e.type in MESSAGE_TYPES]
+        if self.recorder is not None and messages:
+            await self.recorder.record(messages)
+        deliveries, woken = plan if plan is not None else self.plan(events)
         if not deliveries:
             return
         kept = await self.outbox.add(deliveries)
@@ -319,16 +352,19 @@ class EventHub:
             endpoint.webhook, endpoint.key, endpoint.key_error = webhook, key, key_error
         if key_error is not None:
             endpoint.stats = endpoint.stats.model_copy(update=dict(last_error=key_error))
-        for wake in endpoint.wake:
-            wake.set()
+        _wake_all(endpoint)
 
     async def refresh_keys(self) -> None:
         """Read every signing key again: a rotated Secret, or a Role granted since."""
         for endpoint in list(self.endpoints.values()):
-            endpoint.key, endpoint.key_error = await self._key(endpoint.webhook)
-            if endpoint.key is not None:
-                for wake in endpoint.wake:
-                    wake.set()
+            webhook = endpoint.webhook
+            key, key_error = await self._key(webhook)
+            if endpoint.webhook is not webhook:
+                continue  # changed meanwhile: update() read the key of the new spec
+            changed = key != endpoint.key
+            endpoint.key, endpoint.key_error = key, key_error
+            if changed and key is not None:
+                _wake_all(endpoint)
 
     async def remove(self, uid: str) -> None:
         """A Webhook was deleted: stop its lanes and forget what it had not received."""
@@ -338,20 +374,30 @@ class EventHub:
         for task in endpoint.tasks:
             task.cancel()
         await asyncio.gather(*endpoint.tasks, return_exceptions=True)
-        await self.outbox.drop(uid)
+        try:
+            await self.outbox.drop(uid)
+        except self.transient as error:  # what is left is dropped at the next listing (retain)
+            log.warning("deliveries of a deleted Webhook not dropped yet: %s", error)
+
+    async def retain(self, uids: set[str]) -> None:
+        """After a full listing: forget deliveries to Webhooks deleted while this runtime did not watch."""
+        try:
+            await self.outbox.retain(uids)
+        except self.transient as error:
+            log.warning("deliveries of deleted Webhooks not dropped yet: %s", error)
 
     async def _key(self, webhook: Webhook) -> tuple[bytes | None, str | None]:
         ref = webhook.spec.secret_ref
         try:
             return signing_key(await self.read_secret(ref.name, ref.key)), None
         except Exception as error:
-            return None, f"signing key {ref.name}/{ref.key} not usable: {error}"
+            return None, f"signing key {ref.name}/{ref.key} not usable: {error}"[:1024]
 
     # -- delivery ---------------------------------------------------------------------------
 
     async def _deliver(self, endpoint: Endpoint, lane: int) -> None:
         """Deliver the lane's head until the endpoint takes it, then the next; wait when there is none."""
-        wake = endpoint.wake[lane]
+        wake, changed = endpoint.wake[lane], endpoint.changed[lane]
         backoff = self.backoff()
         while True:
             wake.clear()
@@ -389,9 +435,10 @@ class EventHub:
                 )
             )
             metrics.EVENT_FAILURES.labels(self.namespace, endpoint.name).inc()
+            changed.clear()
             with contextlib.suppress(TimeoutError):
-                # A changed Webhook (a fixed URL, a new key) is tried at once.
-                await asyncio.wait_for(wake.wait(), backoff.next())
+                # A changed Webhook (a fixed URL, a new key) is tried at once; new deliveries do not cut it short.
+                await asyncio.wait_for(changed.wait(), backoff.next())
 
     async def _post(self, endpoint: Endpoint, delivery: Delivery, key: bytes) -> str | None:
         """One attempt; None when the endpoint took the event, else why not."""
@@ -435,7 +482,11 @@ class EventHub:
         self.http = http
         self._spawn(self._take(), "events-intake")
 
-    async def stop(self) -> None:
+    async def stop(self, drain_seconds: float = 5.0) -> None:
+        """Put what the intake holds into the outbox (bounded), then stop."""
+        if self.subscribed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.intake.join(), drain_seconds)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -445,6 +496,11 @@ class EventHub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _wake_all(endpoint: Endpoint) -> None:
+    for event in (*endpoint.wake, *endpoint.changed):
+        event.set()
 
 
 # -- what happened, as events ----------------------------------------------------------------

@@ -7,6 +7,7 @@ from prometheus_client import Counter, Gauge
 SESSIONS = Gauge("waso_runtime_sessions", "Sessions on this runtime by runtime state", ["state"])
 MESSAGES = Counter("waso_runtime_messages_sent_total", "Messages sent through the API", ["tenant"])
 RATE_LIMITED = Counter("waso_runtime_messages_rate_limited_total", "Messages refused by the rate limit", ["tenant"])
+MESSAGES_RECEIVED = Counter("waso_runtime_messages_received_total", "Messages received from WhatsApp", ["tenant"])
 QR_STREAMS = Gauge("waso_runtime_qr_streams", "Open QR Server-Sent-Event streams")
 QR_REFUSED = Counter("waso_runtime_qr_streams_refused_total", "QR streams refused by a cap", ["cap"])
 STATUS_WRITES = Counter("waso_runtime_status_writes_total", "status.runtime server-side applies")
@@ -30,4 +31,9 @@ STORE_CONNECTIONS = Gauge(
 )
 STORE_CHECKOUT_FAILURES = Counter(
     "waso_runtime_store_checkout_failures_total", "Waits for a pooled connection that failed", ["reason"]
+)
+REDIS_ERRORS = Counter(
+    "waso_runtime_redis_errors_total",
+    "Calls to the shared Redis that failed (unreachable, timed out), by use: ratelimit, qrstreams",
+    ["tenant", "use"],
 )

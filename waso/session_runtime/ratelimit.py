@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from waso.session_runtime import metrics
+
 log = logging.getLogger("waso.runtime")
 
 
@@ -97,6 +99,7 @@ class RedisRateLimiter:
         try:
             allowed, retry_ms = await self.script(keys=[f"waso:ratelimit:{tenant}"], args=[per_minute])
         except (redis.RedisError, OSError) as error:
+            metrics.REDIS_ERRORS.labels(tenant, "ratelimit").inc()
             log.warning("rate limiter unavailable (%s): failing %s", error, "open" if self.fail_open else "closed")
             if self.fail_open:
                 return Decision(True, 0.0)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from waso import logs
 from waso.api.base import API_VERSION
@@ -136,7 +136,7 @@ class Runtime:
             self.read_secret,
             lambda name: self.session_labels.get(name, {}),
             recorder=self.store,
-            transient=(PyMongoError, OSError),
+            transient=(ConnectionFailure, OSError),
             intake_capacity=config.event_buffer,
             clock=self.clock,
         )
@@ -327,7 +327,7 @@ class Runtime:
                 if error.status != 410:
                     log.warning("%s watch failed: %s", kind, error)
                     await asyncio.sleep(2)
-            except (OSError, ValueError, TimeoutError) as error:
+            except Exception as error:  # anything else too: a watch that ended would never be noticed
                 resource_version = None
                 log.warning("%s watch failed: %s", kind, error)
                 await asyncio.sleep(2)
@@ -360,6 +360,8 @@ class Runtime:
             await self._on_webhook("DELETED", {"metadata": {"name": uid, "uid": uid}})
         for item in items:
             await self._on_webhook("MODIFIED", item)
+        await self.events.retain(listed)
+        self.events.subscribed.set()
 
     async def _report_deliveries(self) -> None:
         """This shard's entry in each Webhook's status.deliveries, written when it changed; keys re-read."""
@@ -371,21 +373,27 @@ class Runtime:
             try:
                 if rounds % 6 == 0:
                     await self.events.refresh_keys()
-                for webhook, stats in await self.events.report():
-                    uid = webhook.metadata.uid or webhook.metadata.name
-                    entry = stats.to_wire()
-                    if self.webhook_status.get(uid) == entry:
-                        continue
-                    patch = {
-                        "apiVersion": API_VERSION,
-                        "kind": Webhook.KIND,
-                        "metadata": {"name": webhook.metadata.name, "namespace": self.namespace},
-                        "status": {"deliveries": [entry]},
-                    }
+                reports = await self.events.report()
+            except PyMongoError as error:
+                log.warning("webhook status not gathered: %s", error)
+                continue
+            for webhook, stats in reports:  # one at a time: a Webhook deleted meanwhile does not hold back the rest
+                uid = webhook.metadata.uid or webhook.metadata.name
+                entry = stats.to_wire()
+                if self.webhook_status.get(uid) == entry:
+                    continue
+                patch = {
+                    "apiVersion": API_VERSION,
+                    "kind": Webhook.KIND,
+                    "metadata": {"name": webhook.metadata.name, "namespace": self.namespace},
+                    "status": {"deliveries": [entry]},
+                }
+                try:
                     await self.kube.apply(patch, manager, subresource="status")
-                    self.webhook_status[uid] = entry
-            except (ApiError, OSError, PyMongoError) as error:
-                log.warning("webhook status not written: %s", error)
+                except (ApiError, OSError) as error:
+                    log.warning("status of Webhook %s not written: %s", webhook.metadata.name, error)
+                    continue
+                self.webhook_status[uid] = entry
 
     async def _prune_messages(self) -> None:
         """The tenant's retention and size cap (TenantQuota), enforced by every shard (it is idempotent)."""

@@ -268,6 +268,10 @@ class MessageStore:
     async def drop(self, webhook: str) -> None:
         await self.outbox.delete_many(self._lane(webhook))
 
+    async def retain(self, webhooks: set[str]) -> None:
+        query = {"tenant": self.tenant, "shard": self.shard, "webhook": {"$nin": sorted(webhooks)}}
+        await self.outbox.delete_many(query)
+
 
 async def _insert_new(collection: AsyncCollection[dict[str, Any]], documents: list[dict[str, Any]]) -> None:
     """Insert what is not there yet (by _id); one round trip however many there are."""

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from waso.session_runtime import metrics
 from waso.session_runtime.config import RuntimeConfig
 
 log = logging.getLogger("waso.runtime")
@@ -138,6 +139,7 @@ class RedisTenantStreams:
         try:
             allowed, found = await self.script(keys=[self.key(tenant)], args=[member, cap, int(self.ttl * 1000)])
         except (redis.RedisError, OSError) as error:
+            metrics.REDIS_ERRORS.labels(tenant, "qrstreams").inc()
             raise SlotsUnavailable(str(error)) from error
         return Admission(bool(allowed), int(found))
 
@@ -147,6 +149,7 @@ class RedisTenantStreams:
         try:
             await self.redis.zrem(self.key(tenant), member)
         except (redis.RedisError, OSError) as error:
+            metrics.REDIS_ERRORS.labels(tenant, "qrstreams").inc()
             raise SlotsUnavailable(str(error)) from error
 
     async def close(self) -> None:
