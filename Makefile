@@ -12,7 +12,7 @@ help: ## list the targets
 setup: ## install Debian packages and the virtualenv (.venv)
 	bash hack/setup.sh
 
-tools: ## build etcd, the control plane, the node (kubelet, kube-proxy, containerd, CoreDNS, pause), kubectl, helm
+tools: ## build etcd, the control plane, the node (kubelet, kube-proxy, containerd, CoreDNS, pause), kubectl, helm, ferretdb, promtool
 	bash hack/build-tools.sh
 
 image: ## build waso's image (buildah here, docker elsewhere) and its archive bin/waso-image.tar for the node

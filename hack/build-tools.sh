@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane, the node (kubelet, kube-proxy, containerd,
-# CoreDNS, the pause image), helm and the tests' MongoDB server (FerretDB) from
-# the Go module proxy into bin/.
+# CoreDNS, the pause image), helm, the tests' MongoDB server (FerretDB) and
+# promtool (the alert rules' tests) from the Go module proxy into bin/.
 #
 # Every binary reports its real version (stamped through ldflags where the
 # upstream build does the same). A binary is rebuilt only when the version it
@@ -203,13 +203,39 @@ build_pause_image() {
   mv "$archive.tmp" "$archive"
 }
 
+# Prometheus v3 releases are the module's v0.3XX.Y (v3.16.0 is v0.316.0): the
+# release version promtool reports, from the module version pinned.
+promtool_release() {
+  local minor="${PROMTOOL_VERSION#v0.}"
+  echo "3.$((${minor%%.*} - 300)).${minor#*.}"
+}
+
+build_promtool() {
+  # As upstream's promu build (.promu.yml): netgo and builtinassets, no cgo, the
+  # version stamped into github.com/prometheus/common/version. The module has
+  # no git revision; the build records the module version instead.
+  local release
+  release="$(promtool_release)"
+  if reports_version promtool --version "promtool, version $release "; then
+    log "promtool $PROMTOOL_VERSION ($release): up to date"; return
+  fi
+  require_pin promtool github.com/prometheus/prometheus "$PROMTOOL_VERSION"
+  local pkg=github.com/prometheus/common/version
+  local ld="-s -w -X $pkg.Version=$release -X $pkg.Revision=$PROMTOOL_VERSION -X $pkg.Branch=HEAD"
+  ld+=" -X $pkg.BuildUser=waso@build-tools -X $pkg.BuildDate=19700101-00:00:00"
+  log "promtool $PROMTOOL_VERSION ($release): building"
+  (cd "$root/hack/tools/promtool" && CGO_ENABLED=0 go build -tags "netgo builtinassets" -ldflags "$ld" \
+    -o "$bin/promtool" github.com/prometheus/prometheus/cmd/promtool)
+}
+
 build_etcd
 build_kubernetes
 build_helm
 build_containerd
 build_coredns
 build_ferretdb
+build_promtool
 build_pause
 build_pause_image
 log "done: $(cd "$bin" && echo etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm \
-  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns ferretdb pause pause.oci.tar)"
+  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns ferretdb promtool pause pause.oci.tar)"

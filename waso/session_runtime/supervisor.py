@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from waso import logs
 from waso.api.session import RepairReport, RepairRequest, RuntimeState, RuntimeStatus
 from waso.leases import still_held
-from waso.session_runtime import events
+from waso.session_runtime import events, metrics
 from waso.session_runtime.backoff import Backoff
 from waso.session_runtime.events import SessionEvent
 from waso.session_runtime.lifecycle import (
@@ -258,6 +258,7 @@ class SessionSupervisor:
         self.view, actions = step(before, event, now)
         name = self.identity.name
         if isinstance(event, IncomingMessage):
+            metrics.MESSAGES_RECEIVED.labels(self.identity.namespace).inc()
             self.emit(events.message_received(name, event))
         elif isinstance(event, OutgoingMessage):
             self.emit(events.message_sent(name, event.id, event.to, event.text, event.at))
