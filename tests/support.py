@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,6 +48,20 @@ def wait_for(probe: Callable[[], T | None], *, timeout: float, what: str, interv
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}; last seen: {last!r}")
         time.sleep(interval)
+
+
+async def wait_for_async(
+    probe: Callable[[], Awaitable[bool] | bool], *, within: float, what: str, interval: float = 0.05
+) -> None:
+    """``wait_for`` inside an event loop: the loop keeps running (the probe may await, or watch another thread)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = probe()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {within:.1f}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def kubectl(

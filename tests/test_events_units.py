@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -12,6 +12,7 @@ import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
 from tests.receiver import SIGNING_KEY, Receiver, running_receiver
+from tests.support import wait_for_async
 from waso.api.base import ObjectMeta
 from waso.api.webhook import EventType, LabelSelector, SecretKeyReference, Webhook, WebhookSpec
 from waso.session_runtime.backoff import Backoff
@@ -43,16 +44,6 @@ def webhook(name: str, url: str, *types: EventType, selector: LabelSelector | No
 
 def received(n: int, chat: str, session: str = "s1") -> SessionEvent:
     return message_received(session, IncomingMessage("+1555", f"m{n}", f"3EB0{n:06d}", chat, T0 + timedelta(seconds=n)))
-
-
-async def wait_until(check: Callable[[], bool], what: str) -> None:
-    """Poll a condition (bounded): the receiver runs on its own thread, so there is no event to await."""
-    try:
-        async with asyncio.timeout(20):
-            while not check():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"not within 20 s: {what}") from None
 
 
 @pytest.fixture
@@ -116,7 +107,7 @@ async def test_every_event_arrives_once_signed_and_in_order_per_chat(hub: EventH
     receiver.failing = 15  # a sick endpoint: every lane retries, none reorders
     for event in events:
         hub.emit(event)
-    await wait_until(lambda: len(receiver.events) == 120, "all 120 events delivered")
+    await wait_for_async(lambda: len(receiver.events) == 120, within=20, what="all 120 events delivered")
     assert receiver.bad_signatures == 0
     for chat in chats:
         got = [e.data["id"] for e in receiver.events if e.partition == f"s1/{chat}"]
@@ -135,13 +126,13 @@ async def test_a_dead_endpoint_holds_back_nothing_of_another(hub: EventHub, rece
         await hub.update(webhook("live", receiver.url))
         for n in range(40):
             hub.emit(received(n, f"1555{n % 4}@s.whatsapp.net"))
-        await wait_until(lambda: len(receiver.events) == 40, "the live endpoint got everything")
+        await wait_for_async(lambda: len(receiver.events) == 40, within=20, what="the live endpoint got everything")
         reports = {w.metadata.name: s for w, s in await hub.report()}
         assert reports["dead"].backlog == 40
         assert reports["dead"].consecutive_failures > 0
         assert "ClientConnectorError" in (reports["dead"].last_error or "")
         dead.up()
-        await wait_until(lambda: len(dead.events) == 40, "the revived endpoint got the backlog")
+        await wait_for_async(lambda: len(dead.events) == 40, within=20, what="the revived endpoint got the backlog")
         assert [e.id for e in dead.events if e.partition.endswith("15550@s.whatsapp.net")] == [
             e.id for e in receiver.events if e.partition.endswith("15550@s.whatsapp.net")
         ]
@@ -153,7 +144,7 @@ async def test_only_selected_sessions_and_types_are_sent(hub: EventHub, receiver
     hub.emit(received(1, "a@s.whatsapp.net", session="s2"))  # sales: not selected
     hub.emit(SessionEvent(EventType.SESSION_STATUS, "s1", "Connected/1", T0, {"state": "Connected"}))  # not a type
     hub.emit(received(2, "a@s.whatsapp.net", session="s1"))
-    await wait_until(lambda: len(receiver.events) == 1, "the one selected event")
+    await wait_for_async(lambda: len(receiver.events) == 1, within=20, what="the one selected event")
     assert hub.intake.empty()
     assert receiver.events[0].data["id"] == "3EB0000002"
 
@@ -162,7 +153,7 @@ async def test_a_deleted_webhook_forgets_its_backlog(hub: EventHub) -> None:
     await hub.update(webhook("gone", "http://127.0.0.1:9/nothing"))
     for n in range(5):
         hub.emit(received(n, "a@s.whatsapp.net"))
-    await wait_until(lambda: hub.intake.empty(), "events accepted")
+    await wait_for_async(lambda: hub.intake.empty(), within=20, what="events accepted")
     assert isinstance(hub.outbox, MemoryOutbox)
     assert await hub.outbox.backlog("uid-gone") == 5
     await hub.remove("uid-gone")
@@ -180,7 +171,7 @@ async def test_an_unreadable_key_is_reported_and_nothing_is_sent_unsigned(receiv
         hub.start(http)
         await hub.update(webhook("app", receiver.url))
         hub.emit(received(1, "a@s.whatsapp.net"))
-        await wait_until(lambda: hub.intake.empty(), "event accepted")
+        await wait_for_async(lambda: hub.intake.empty(), within=20, what="event accepted")
         (_, stats), *_ = await hub.report()
         assert stats.backlog == 1
         assert "signing key hook-key/signingKey not usable: 403" in (stats.last_error or "")

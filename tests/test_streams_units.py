@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import RedisServer
-from tests.support import free_port
+from tests.support import free_port, wait_for_async
 from waso.session_runtime.config import RuntimeConfig
 from waso.session_runtime.streams import (
     Admission,
@@ -103,15 +103,6 @@ async def test_memory_slots_lapse_after_the_ttl_without_a_refresh() -> None:
     assert counter.entries == {"acme": {"new": 160.0}}
 
 
-async def _eventually(probe: Callable[[], Awaitable[bool]], what: str) -> None:
-    """tests.support.wait_for for a probe that needs the event loop: at most 10 s."""
-    for _ in range(200):
-        if await probe():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after 10s waiting for {what}")
-
-
 async def test_a_crashed_pods_redis_slots_lapse_and_the_key_goes_with_them(redis_server: RedisServer) -> None:
     tenant = _tenant()
     crashed, survivor = RedisTenantStreams(redis_server.url, ttl=0.3), RedisTenantStreams(redis_server.url, ttl=0.3)
@@ -123,7 +114,7 @@ async def test_a_crashed_pods_redis_slots_lapse_and_the_key_goes_with_them(redis
         async def admitted() -> bool:
             return (await survivor.hold(tenant, "pod-1/b", 1)).allowed
 
-        await _eventually(admitted, "the crashed pod's slot to lapse")
+        await wait_for_async(admitted, within=10, what="the crashed pod's slot to lapse")
         assert await survivor.redis.zrange(survivor.key(tenant), 0, -1) == [b"pod-1/b"]
         await survivor.release(tenant, "pod-1/b")
 
@@ -131,7 +122,7 @@ async def test_a_crashed_pods_redis_slots_lapse_and_the_key_goes_with_them(redis
             return not await survivor.redis.exists(survivor.key(tenant))
 
         await survivor.hold(tenant, "pod-1/c", 1)
-        await _eventually(key_gone, "the tenant's key to expire with its last slot")
+        await wait_for_async(key_gone, within=10, what="the tenant's key to expire with its last slot")
     finally:
         await survivor.close()
 
