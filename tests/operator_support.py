@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from processes import die_with_parent
+from urllib3.exceptions import ProtocolError
 
 from tests.support import wait_for
 from waso.api.base import GROUP, VERSION
@@ -235,3 +237,38 @@ def metrics_token(api: client.ApiClient, namespace: str, name: str = "metrics") 
         timeout=30, what=f"RBAC to let {name} read /metrics",
     )  # fmt: skip
     return token
+
+
+@contextlib.contextmanager
+def observed_peak(api: client.ApiClient, prefix: str, wake: tuple[str, str]) -> Iterator[dict[str, int]]:
+    """The most sessions of namespaces ``prefix``* ever Admitted at once, as the API server's watch reports them.
+
+    On leaving, the session ``wake`` (namespace, name) gets a label, so that the watch sees every change made
+    before it, and the count is final when the block is left.
+    """
+    peak = {"admitted": 0}
+    state: dict[str, bool] = {}
+    stop = threading.Event()
+
+    def observe() -> None:
+        custom = client.CustomObjectsApi(api)
+        stream = watch.Watch()
+        with contextlib.suppress(ProtocolError):  # the control plane stopped after the test
+            for event in stream.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, timeout_seconds=600):
+                obj = event["object"]
+                if obj["metadata"]["namespace"].startswith(prefix):
+                    state[obj["metadata"]["uid"]] = event["type"] != "DELETED" and bool(admitted(obj))
+                    peak["admitted"] = max(peak["admitted"], sum(state.values()))
+                if stop.is_set():
+                    stream.stop()
+
+    observer = threading.Thread(target=observe, daemon=True)
+    observer.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            GROUP, VERSION, wake[0], PLURAL, wake[1], {"metadata": {"labels": {"done": "yes"}}}
+        )
+        observer.join(timeout=30)

@@ -9,17 +9,14 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import threading
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, watch
-from urllib3.exceptions import ProtocolError
+from kubernetes import client
 
 from tests.conftest import ControlPlane
 from tests.operator_support import (
-    PLURAL,
     Tenants,
     admitted,
     condition,
@@ -27,11 +24,11 @@ from tests.operator_support import (
     create_session,
     get,
     list_sessions,
+    observed_peak,
     operator_process,
 )
 from tests.support import wait_for
 from tests.test_operator import phone
-from waso.api.base import GROUP, VERSION
 
 LEASE_SECONDS = 3
 KILLS = 20
@@ -75,29 +72,6 @@ def decided(api: client.ApiClient, namespace: str, name: str) -> bool:
     return admitted(get(api, namespace, name)) is not None
 
 
-@contextlib.contextmanager
-def observed_peak(api: client.ApiClient, prefix: str) -> Iterator[dict[str, int]]:
-    """The most sessions ever Admitted at once, as the API server's watch reports them."""
-    peak = {"admitted": 0}
-    state: dict[str, bool] = {}
-    stream = watch.Watch()
-
-    def observe() -> None:
-        custom = client.CustomObjectsApi(api)
-        events = stream.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, timeout_seconds=600)
-        with contextlib.suppress(ProtocolError):  # the control plane stopped after the test
-            for event in events:
-                obj = event["object"]
-                if obj["metadata"]["namespace"].startswith(prefix):
-                    state[obj["metadata"]["uid"]] = event["type"] != "DELETED" and bool(admitted(obj))
-                    peak["admitted"] = max(peak["admitted"], sum(state.values()))
-
-    observer = threading.Thread(target=observe, daemon=True)
-    observer.start()
-    yield peak
-    stream.stop()
-
-
 def test_exactly_the_cap_is_admitted_across_twenty_leader_kills(
     control_plane: ControlPlane, tenants: Tenants, tmp_path: Path
 ) -> None:
@@ -113,7 +87,7 @@ def test_exactly_the_cap_is_admitted_across_twenty_leader_kills(
     }
     log = tmp_path / "operators.log"
     specs = [(namespaces[i % 4], f"s{i}", phone(i)) for i in range(200)]
-    with contextlib.ExitStack() as stack, observed_peak(api, tenants.prefix) as peak:
+    with contextlib.ExitStack() as stack, observed_peak(api, tenants.prefix, (namespaces[0], "s0")) as peak:
         replicas = Replicas(control_plane, tenants, log, stack)
         replicas.start(env)
         replicas.start(env)

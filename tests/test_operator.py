@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 from kopf.testing import KopfRunner
-from kubernetes import client, watch
+from kubernetes import client
 
 from tests.conftest import ControlPlane
 from tests.operator_support import (
@@ -27,6 +27,7 @@ from tests.operator_support import (
     create_session,
     get,
     list_sessions,
+    observed_peak,
     operator_process,
     wait_admission,
 )
@@ -327,49 +328,27 @@ def test_exactly_the_cap_is_admitted_from_200_concurrent_creates_across_a_restar
     log = tmp_path / "operator.log"
 
     # Watch every admission as the API server reports it: the count must never exceed the cap.
-    peak = {"admitted": 0}
-    state: dict[str, bool] = {}
-    stop = threading.Event()
-
-    def observe() -> None:
-        custom = client.CustomObjectsApi(api)
-        stream = watch.Watch()
-        for event in stream.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, timeout_seconds=300):
-            obj = event["object"]
-            if not obj["metadata"]["namespace"].startswith(tenants.prefix):
-                continue
-            state[obj["metadata"]["uid"]] = event["type"] != "DELETED" and bool(admitted(obj))
-            peak["admitted"] = max(peak["admitted"], sum(state.values()))
-            if stop.is_set():
-                stream.stop()
-
-    observer = threading.Thread(target=observe, daemon=True)
-    observer.start()
     specs = [(namespaces[i % 10], f"s{i}", phone(i)) for i in range(200)]
-    with operator_process(control_plane.kubeconfig, tenants.pattern, env, log) as first:
-        creator = threading.Thread(target=create_many, args=(api, specs))
-        creator.start()
-        wait_for(
-            lambda: sum(1 for ns in namespaces for s in list_sessions(api, ns) if admitted(s)) >= 10,
-            timeout=60,
-            what="the first admissions",
-        )
-        first.kill()  # half-way: sessions are still being created
-    creator.join()
-    with operator_process(control_plane.kubeconfig, tenants.pattern, env, log):
 
-        def all_decided() -> list[dict[str, object]] | None:
-            sessions = [s for ns in namespaces for s in list_sessions(api, ns)]
-            return sessions if len(sessions) == 200 and all(admitted(s) is not None for s in sessions) else None
+    def all_decided() -> list[dict[str, object]] | None:
+        sessions = [s for ns in namespaces for s in list_sessions(api, ns)]
+        return sessions if len(sessions) == 200 and all(admitted(s) is not None for s in sessions) else None
 
-        sessions = wait_for(all_decided, timeout=120, what="a decision for all 200 sessions")
-        time.sleep(2)  # a last chance for a wrong extra admission to show up
-        sessions = all_decided() or sessions
-    stop.set()
-    client.CustomObjectsApi(api).patch_namespaced_custom_object(  # wakes the observer's stream
-        GROUP, VERSION, namespaces[0], PLURAL, "s0", {"metadata": {"labels": {"done": "yes"}}}
-    )
-    observer.join(timeout=30)
+    with observed_peak(api, tenants.prefix, (namespaces[0], "s0")) as peak:
+        with operator_process(control_plane.kubeconfig, tenants.pattern, env, log) as first:
+            creator = threading.Thread(target=create_many, args=(api, specs))
+            creator.start()
+            wait_for(
+                lambda: sum(1 for ns in namespaces for s in list_sessions(api, ns) if admitted(s)) >= 10,
+                timeout=60,
+                what="the first admissions",
+            )
+            first.kill()  # half-way: sessions are still being created
+        creator.join()
+        with operator_process(control_plane.kubeconfig, tenants.pattern, env, log):
+            sessions = wait_for(all_decided, timeout=120, what="a decision for all 200 sessions")
+            time.sleep(2)  # a last chance for a wrong extra admission to show up
+            sessions = all_decided() or sessions
     assert sum(1 for s in sessions if admitted(s)) == 35, log.read_text()[-3000:]
     assert {condition(s, "Admitted")["reason"] for s in sessions if not admitted(s)} == {"CapacityExceeded"}
     assert peak["admitted"] == 35
