@@ -7,6 +7,7 @@ that installs it, because a skipped integration test reads as a passing one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -87,35 +88,18 @@ class RedisServer:
     port: int
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """Debian's redis-server on a free loopback port, killed with the test run."""
+@contextlib.contextmanager
+def redis_process(host: str, port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Debian's redis-server on ``host:port``, answering, and killed on the way out."""
     binary = which_or_fail("redis-server", "apt-get install redis-server (done by .ci/run)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--protected-mode",
-            "yes",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=die_with_parent,
-    )
+        [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir),
+         "--protected-mode", "yes" if host == "127.0.0.1" else "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+    )  # fmt: skip
     import redis
 
-    ping = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    ping = redis.Redis(host=host, port=port, socket_connect_timeout=0.5)
 
     def answers() -> bool:
         try:
@@ -126,12 +110,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
             return False
 
     try:
-        wait_for(answers, timeout=15, what=f"redis-server on port {port}")
-        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port)
+        wait_for(answers, timeout=15, what=f"redis-server on {host}:{port}")
+        yield proc
     finally:
         ping.close()
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """Debian's redis-server on a free loopback port, killed with the test run."""
+    port = free_port()
+    with redis_process("127.0.0.1", port, tmp_path_factory.mktemp("redis")):
+        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port)
 
 
 @dataclass(frozen=True)

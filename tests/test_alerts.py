@@ -36,7 +36,7 @@ ALERT_TESTS = MONITORING / "alerts_test.yaml"
 DASHBOARD = MONITORING / "dashboard.json"
 DOC = ROOT / "docs/monitoring.md"
 
-GLOBAL_ALERTS = {"WasoCapacityNearCap", "WasoCapacityExhausted"}
+GLOBAL_ALERTS = {"WasoOperatorDown", "WasoCapacityNearCap", "WasoCapacityExhausted"}
 """Alerts about the whole cluster; every other one names its tenant."""
 
 EXTERNAL_METRICS = {

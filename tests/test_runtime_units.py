@@ -179,10 +179,23 @@ def test_a_failed_status_write_is_made_again_while_the_lease_is_held() -> None:
 def test_the_memory_reported_is_the_working_set_as_kubelet_counts_it(tmp_path: Path) -> None:
     from waso.session_runtime.runtime import read_memory
 
-    assert read_memory(tmp_path) is None  # no memory controller here (cgroup v1, or not in a container)
+    assert read_memory(tmp_path) is None  # no memory controller here (not in a container)
     (tmp_path / "memory.current").write_text("1000000\n")
     (tmp_path / "memory.max").write_text("max\n")
     assert read_memory(tmp_path) == (1000000, 0)  # no limit
     (tmp_path / "memory.max").write_text("4000000\n")
     (tmp_path / "memory.stat").write_text("anon 600000\nfile 400000\nactive_file 100000\ninactive_file 300000\n")
     assert read_memory(tmp_path) == (700000, 4000000)  # the inactive file cache is reclaimed before an OOM kill
+
+
+def test_the_memory_of_a_cgroup_v1_container_is_read_from_its_memory_hierarchy(tmp_path: Path) -> None:
+    from waso.session_runtime.runtime import read_memory
+
+    v1 = tmp_path / "memory"  # /sys/fs/cgroup/memory in a container on a cgroup v1 node
+    v1.mkdir()
+    (v1 / "memory.usage_in_bytes").write_text("5000000\n")
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert read_memory(tmp_path) == (5000000, 0)  # v1's "no limit"
+    (v1 / "memory.limit_in_bytes").write_text("536870912\n")
+    (v1 / "memory.stat").write_text("cache 2000000\ninactive_file 10\ntotal_inactive_file 1500000\n")
+    assert read_memory(tmp_path) == (3500000, 536870912)  # kubelet subtracts total_inactive_file on v1

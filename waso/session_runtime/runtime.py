@@ -500,24 +500,35 @@ class Runtime:
 
 
 def read_memory(cgroup_dir: Path) -> tuple[int, int] | None:
-    """(working set, limit) bytes of a cgroup v2 memory controller (limit 0: none); None where there is none.
+    """(working set, limit) bytes of the container's memory cgroup (limit 0: none); None where there is none.
 
-    The working set is what kubelet and ``kubectl top`` report: usage less the inactive file cache,
-    which the kernel reclaims before it kills anything.
+    cgroup v2 (``memory.current``, ``memory.max``) or v1 (the ``memory`` hierarchy: ``memory.usage_in_bytes``,
+    ``memory.limit_in_bytes``), since nodes of both kinds still run. The working set is what kubelet and
+    ``kubectl top`` report: usage less the inactive file cache, which the kernel reclaims before it kills anything.
     """
-    try:
-        used = int((cgroup_dir / "memory.current").read_text().strip())
-        limit_text = (cgroup_dir / "memory.max").read_text().strip()
-    except (OSError, ValueError):
-        return None
-    inactive = 0
-    with contextlib.suppress(OSError, ValueError):
-        for line in (cgroup_dir / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "inactive_file":
-                inactive = int(value)
-    limit = 0 if limit_text == "max" else int(limit_text) if limit_text.isdigit() else 0
-    return max(0, used - inactive), limit
+    v1 = cgroup_dir / "memory"
+    for directory, usage, limit_file, inactive_key in (
+        (cgroup_dir, "memory.current", "memory.max", "inactive_file"),
+        (v1, "memory.usage_in_bytes", "memory.limit_in_bytes", "total_inactive_file"),
+    ):
+        try:
+            used = int((directory / usage).read_text().strip())
+            limit_text = (directory / limit_file).read_text().strip()
+        except (OSError, ValueError):
+            continue
+        inactive = 0
+        with contextlib.suppress(OSError, ValueError):
+            for line in (directory / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        limit = int(limit_text) if limit_text.isdigit() else 0
+        # v1 says "no limit" with the largest page-aligned number, v2 with "max"
+        return max(0, used - inactive), limit if limit < _NO_LIMIT_V1 else 0
+    return None
+
+
+_NO_LIMIT_V1 = 1 << 62
 
 
 async def _maybe(result: Awaitable[None] | None) -> None:
