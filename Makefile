@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/bin:$(PATH)
 
-.PHONY: help setup tools image cluster-up cluster-down crds test lint format bench bench-operator bench-runtime demo kind
+.PHONY: help setup tools image krew cluster-up cluster-down crds test lint format bench bench-operator bench-runtime demo kind
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,8 +43,12 @@ format: ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint image ## lint, then every test against a fresh local cluster with a real node, and Redis
+test: lint image krew ## lint, then every test against a fresh local cluster with a real node, and Redis
 	$(PY) -m pytest
+
+KREW_HOMEPAGE ?= https://github.com/waso-dev/waso
+krew: image ## the kubectl plugin for krew: dist/krew/waso.yaml and its archive (a PEX of waso, from the image's wheels)
+	$(PY) hack/krew.py --homepage $(KREW_HOMEPAGE)
 
 bench: bench-operator bench-runtime ## every benchmark
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local control plane, the node (kubelet, kube-proxy, containerd,
-# CoreDNS, the pause image), helm, the tests' MongoDB server (FerretDB) and
-# promtool (the alert rules' tests) from the Go module proxy into bin/.
+# CoreDNS, the pause image), helm, the tests' MongoDB server (FerretDB),
+# promtool (the alert rules' tests) and krew (a test installs the kubectl plugin
+# with it) from the Go module proxy into bin/.
 #
 # Every binary reports its real version (stamped through ldflags where the
 # upstream build does the same). A binary is rebuilt only when the version it
@@ -228,6 +229,18 @@ build_promtool() {
     -o "$bin/promtool" github.com/prometheus/prometheus/cmd/promtool)
 }
 
+build_krew() {
+  # krew stamps its version from git; here the module version is the tag.
+  if reports_version krew version "GitTag            $KREW_VERSION"; then
+    log "krew $KREW_VERSION: up to date"; return
+  fi
+  require_pin krew sigs.k8s.io/krew "$KREW_VERSION"
+  local pkg=sigs.k8s.io/krew/internal/version
+  log "krew $KREW_VERSION: building"
+  (cd "$root/hack/tools/krew" && CGO_ENABLED=0 go build -ldflags "-s -w -X $pkg.gitTag=$KREW_VERSION -X $pkg.gitCommit=$KREW_VERSION" \
+    -o "$bin/krew" sigs.k8s.io/krew/cmd/krew)
+}
+
 build_etcd
 build_kubernetes
 build_helm
@@ -235,7 +248,8 @@ build_containerd
 build_coredns
 build_ferretdb
 build_promtool
+build_krew
 build_pause
 build_pause_image
 log "done: $(cd "$bin" && echo etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm \
-  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns ferretdb promtool pause pause.oci.tar)"
+  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns ferretdb promtool krew pause pause.oci.tar)"

@@ -3,11 +3,13 @@ traceback; the report, suspend and resume against the real API server."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -18,7 +20,9 @@ from tests.operator_support import Tenants, api_token, create_session, get
 from tests.runtime_support import SseStream, http_json
 from tests.support import BIN, wait_for
 from tests.test_runtime import PHONE, World
+from waso.cli.connection import CliError
 from waso.cli.pair import QUIET_ZONE, draw, qr_matrix, read_drawing
+from waso.kube import ApiError
 
 simulator = test_runtime.simulator
 operator = test_runtime.operator
@@ -156,3 +160,73 @@ def test_a_drawing_reads_back_to_its_modules() -> None:
     for invert in (False, True):
         assert read_drawing(draw(matrix, invert), invert) == matrix
     assert len(draw(matrix)) == (len(matrix) + 2 * QUIET_ZONE + 1) // 2
+
+
+class _Listing:
+    """A KubeClient's listings from plain data: enough for `waso status`'s gather."""
+
+    def __init__(self, items: dict[str, list[dict[str, Any]]], refused: dict[str, ApiError] | None = None) -> None:
+        self.items, self.refused = items, refused or {}
+
+    async def list(self, kind: str, namespace: str | None = None, label_selector: str | None = None) -> dict[str, Any]:
+        if kind in self.refused:
+            raise self.refused[kind]
+        return {"items": self.items.get(kind, []), "metadata": {}}
+
+
+def _session(namespace: str, name: str, phase: str, admitted: bool) -> dict[str, Any]:
+    condition = {"type": "Admitted", "status": str(admitted), "reason": "Admitted" if admitted else "QuotaExceeded",
+                 "message": "", "lastTransitionTime": "2026-11-30T00:00:00Z"}  # fmt: skip
+    return {
+        "apiVersion": "waso.dev/v1alpha1", "kind": "WhatsAppSession",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"{namespace}-{name}"},
+        "spec": {"phoneNumber": "+4915112345601"},
+        "status": {"phase": phase, "conditions": [condition]},
+    }  # fmt: skip
+
+
+def test_status_reports_the_cap_from_the_operators_configmap_and_sessions_by_phase() -> None:
+    from waso.cli import status
+
+    sessions = [_session("acme", "a", "Connected", True), _session("acme", "b", "Connected", True),
+                _session("acme", "c", "Waiting", False), _session("globex", "d", "Pairing", True)]  # fmt: skip
+    config = {"metadata": {"namespace": "waso-system", "name": "waso-operator"},
+              "data": {"config.yaml": "maxSessions: 40\n"}}  # fmt: skip
+    report = asyncio.run(status.gather(_Listing({"WhatsAppSession": sessions, "ConfigMap": [config]}), None, None))  # type: ignore[arg-type]
+    assert report["capacity"] == {
+        "admitted": 3,
+        "maxSessions": 40,
+        "operator": "waso-system/waso-operator",
+        "note": None,
+    }
+    assert report["tenants"][0]["phases"] == {"Connected": 2, "Waiting": 1}
+    text = status.render(report)
+    assert text.startswith("Capacity: 3/40 sessions admitted (operator configuration waso-system/waso-operator)\n")
+    assert "Tenant acme: no TenantQuota: operator defaults apply\n  Connected 2, Waiting 1\n" in text
+
+    unset = {**config, "data": {"config.yaml": "logFormat: json\n"}}  # the chart leaves the default out
+    report = asyncio.run(status.gather(_Listing({"WhatsAppSession": sessions, "ConfigMap": [unset]}), None, None))  # type: ignore[arg-type]
+    assert report["capacity"]["maxSessions"] == 35
+    forbidden = _Listing(
+        {"WhatsAppSession": sessions}, {"ConfigMap": ApiError(403, "Forbidden", "configmaps is forbidden")}
+    )
+    report = asyncio.run(status.gather(forbidden, None, None))  # type: ignore[arg-type]
+    assert status.render(report).startswith(
+        "Capacity: 3 sessions admitted; cap unknown: 403 Forbidden: configmaps is forbidden\n"
+    )
+    one_tenant = asyncio.run(status.gather(_Listing({"WhatsAppSession": sessions}), "acme", None))  # type: ignore[arg-type]
+    assert "capacity" not in one_tenant  # a tenant's view: the cluster's cap is not its business
+
+
+def test_status_on_a_cluster_without_the_crds_says_to_install_them() -> None:
+    from waso.cli import status
+
+    missing = _Listing(
+        {}, {"WhatsAppSession": ApiError(404, "Not Found", "the server could not find the requested resource")}
+    )
+    with pytest.raises(CliError) as refused:
+        asyncio.run(status.gather(missing, None, None))  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        "this cluster does not serve WhatsAppSession (waso.dev/v1alpha1): install waso's CRDs "
+        "(the chart, or kubectl apply -f crds/)"
+    )

@@ -151,11 +151,17 @@ def namespace_gone(api: client.ApiClient, name: str) -> bool:
     return False
 
 
-def wait_gone(control_plane: ControlPlane, namespaces: tuple[str, ...]) -> None:
+def wait_gone(control_plane: ControlPlane, namespaces: tuple[str, ...], timeout: float = 180) -> None:
     def gone() -> bool:
         return all(namespace_gone(control_plane.api, name) for name in namespaces)
 
-    wait_for(gone, timeout=180, what=f"namespaces {', '.join(namespaces)} gone", interval=0.5)
+    try:
+        wait_for(gone, timeout=timeout, what=f"namespaces {', '.join(namespaces)} gone", interval=0.5)
+    except AssertionError as error:  # what the namespace controller still waits for
+        left = kubectl(control_plane.kubeconfig, "get", "namespaces", *namespaces, "--ignore-not-found",
+                       "-o", "jsonpath={range .items[*]}{.metadata.name}: {.status.conditions}{'\\n'}{end}",
+                       check=False)  # fmt: skip
+        raise AssertionError(f"{error}\n{left.stdout}{left.stderr}") from None
 
 
 def quota(cluster: Cluster, namespace: str) -> dict[str, Any]:
@@ -188,7 +194,9 @@ def cluster(control_plane: ControlPlane, crds: None, tmp_path_factory: pytest.Te
         kubectl(control_plane.kubeconfig, "taint", "nodes", NODE, "node.kubernetes.io/out-of-service-", check=False)
         kubectl(control_plane.kubeconfig, "delete", "namespace", "--wait=false", "--ignore-not-found",
                 *TENANTS, "initech", check=False)  # fmt: skip
-        wait_gone(control_plane, (*TENANTS, "initech"))  # the operator releases the sessions' finalizers
+        # The sessions' pods unlink their devices; the operator releases a finalizer at the latest after
+        # cleanupTimeoutSeconds (300 s), so a busy machine may take that long and more.
+        wait_gone(control_plane, (*TENANTS, "initech"), timeout=420)
         found.helm("uninstall", "waso", "-n", "waso-system", "--wait")
         kubectl(control_plane.kubeconfig, "delete", "namespace", "waso-system", "--wait=false", check=False)
         found.stop_redis()
@@ -212,6 +220,9 @@ def test_capacity_overview_memory_and_status(cluster: Cluster) -> None:
     for tenant in TENANTS:
         assert tenant in status
         assert tenant in overview
+    # acme's two connected sessions and globex's two: the cap comes from the chart's operator ConfigMap
+    assert "Capacity: 4/35 sessions admitted (operator configuration waso-system/waso-operator)" in status
+    assert "  Connected 2, Suspended 1" in status  # acme's sessions by phase
 
     def reported() -> list[list[str]] | None:
         rows = [line.split() for line in cluster.run("capacity-memory").splitlines()[1:]]
@@ -233,6 +244,7 @@ def test_capacity_grow_raises_the_quota_and_the_cap(cluster: Cluster) -> None:
 
     wait_for(honoured, timeout=120, what="acme's quota of 6 in force", interval=0.5)
     wait_all_ready(cluster)
+    assert "Capacity: 4/40 sessions admitted" in cluster.run("capacity-overview")
 
 
 def test_tenancy_onboarding_boundaries_and_offboarding(cluster: Cluster) -> None:
@@ -248,6 +260,9 @@ def test_runbook_operator_down(cluster: Cluster) -> None:
     operator = cluster.running_pod("waso-system", "app.kubernetes.io/component=operator")
     kubectl(cluster.control_plane.kubeconfig, "-n", "waso-system", "delete", "pod", str(operator.metadata.name),
             "--grace-period=0", "--force")  # fmt: skip
+    # The sessions stay connected without it, and its Deployment starts another, whose log the block reads.
+    successor = cluster.running_pod("waso-system", "app.kubernetes.io/component=operator")
+    assert successor.metadata.name != operator.metadata.name
     out = cluster.run("runbook-operator-down")
     assert "successfully rolled out" in out
     # The restarted operator decides: a new session is admitted, placed and paired.

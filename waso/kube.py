@@ -51,6 +51,7 @@ RESOURCES: dict[str, Resource] = {
     "Service": Resource("v1", "services"),
     "Pod": Resource("v1", "pods"),
     "Secret": Resource("v1", "secrets"),
+    "ConfigMap": Resource("v1", "configmaps"),
     "Event": Resource("v1", "events"),
     "Role": Resource("rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": Resource("rbac.authorization.k8s.io/v1", "rolebindings"),

@@ -10,6 +10,10 @@ from typing import Any
 from waso.api.quota import TenantQuota, TenantQuotaSpec, TenantQuotaStatus
 
 SHARD_LABEL = "waso.dev/shard"
+DEFAULT_MAX_SESSIONS = 35
+"""The global cap when the operator's configuration sets none (``maxSessions``)."""
+OPERATOR_LABELS = "app.kubernetes.io/name=waso-operator"
+"""The selector of the chart's operator objects (its ConfigMap holds the configuration, ``config.yaml``)."""
 """On a WhatsAppSession: the index of the tenant's session pod that serves it."""
 
 

@@ -1,8 +1,10 @@
 """`waso status` (and `kubectl waso status`): one tenant (or all) as a report, or as JSON or YAML.
 
 Everything is gathered into one plain structure first, so the JSON output is exactly
-what the text report prints: per tenant the quota in force and usage, every session
-with its phase, readiness, shard, device and endpoint, and the problems last.
+what the text report prints: for the whole cluster the global cap (from the operator's
+ConfigMap) against the sessions admitted; per tenant the quota in force and usage, the
+sessions by phase, every session with its phase, readiness, shard, device and endpoint, and
+the problems last, each with the condition's message, which says what to do.
 """
 
 from __future__ import annotations
@@ -14,23 +16,53 @@ from typing import Any
 
 import yaml
 
-from waso.api.conditions import find_condition
+from waso.api.base import API_VERSION
+from waso.api.conditions import find_condition, is_true
 from waso.api.quota import TenantQuota
 from waso.api.session import WhatsAppSession
-from waso.api.tenancy import QuotaFacts, honoured_quota, quota_facts
+from waso.api.tenancy import DEFAULT_MAX_SESSIONS, OPERATOR_LABELS, QuotaFacts, honoured_quota, quota_facts
 from waso.cli.connection import EXIT_NOT_FOUND, CliError, Cluster, connect, explain
 from waso.kube import ApiError, KubeClient, Unreachable
 
 
 async def gather(kube: KubeClient, namespace: str | None, name: str | None) -> dict[str, Any]:
-    session_list = await kube.list(WhatsAppSession.KIND, namespace)
+    try:
+        session_list = await kube.list(WhatsAppSession.KIND, namespace)
+    except ApiError as error:
+        if error.status == 404:  # listing a kind the API server does not serve
+            raise CliError(
+                f"this cluster does not serve {WhatsAppSession.KIND} ({API_VERSION}): install waso's CRDs "
+                "(the chart, or kubectl apply -f crds/)"
+            ) from None
+        raise
     quota_list = await kube.list(TenantQuota.KIND, namespace)
     sessions = [WhatsAppSession.model_validate(o) for o in session_list["items"]]
     quotas = [quota_facts(o) for o in quota_list["items"]]
     if name:
         sessions = [s for s in sessions if s.metadata.name == name]
     tenants = sorted({s.metadata.namespace or "" for s in sessions} | {q.namespace for q in quotas})
-    return {"tenants": [_tenant(ns, sessions, quotas) for ns in tenants]}
+    report: dict[str, Any] = {}
+    if namespace is None and name is None:
+        admitted = sum(1 for s in sessions if s.status and is_true(s.status.conditions, "Admitted"))
+        report["capacity"] = await _capacity(kube, admitted)
+    report["tenants"] = [_tenant(ns, sessions, quotas) for ns in tenants]
+    return report
+
+
+async def _capacity(kube: KubeClient, admitted: int) -> dict[str, Any]:
+    """The global cap from the operator's ConfigMap (the chart's), against the sessions admitted cluster-wide."""
+    try:
+        found = (await kube.list("ConfigMap", None, label_selector=OPERATOR_LABELS))["items"]
+    except ApiError as error:  # a tenant's user may read sessions without reading the operator's namespace
+        return {"admitted": admitted, "maxSessions": None, "operator": None, "note": f"cap unknown: {error}"}
+    configs = [c for c in found if "config.yaml" in (c.get("data") or {})]
+    if len(configs) != 1:
+        note = "cap unknown: no waso operator ConfigMap" if not configs else "cap unknown: several waso operators"
+        return {"admitted": admitted, "maxSessions": None, "operator": None, "note": note}
+    meta = configs[0]["metadata"]
+    settings = yaml.safe_load(configs[0]["data"]["config.yaml"]) or {}
+    cap = settings.get("maxSessions", DEFAULT_MAX_SESSIONS) if isinstance(settings, dict) else None
+    return {"admitted": admitted, "maxSessions": cap, "operator": f"{meta['namespace']}/{meta['name']}", "note": None}
 
 
 def _tenant(namespace: str, sessions: Iterable[WhatsAppSession], quotas: Iterable[QuotaFacts]) -> dict[str, Any]:
@@ -46,7 +78,10 @@ def _tenant(namespace: str, sessions: Iterable[WhatsAppSession], quotas: Iterabl
             "ignored": [q.name for q in own if q.uid != in_force.uid],
         }
     rows = [_session(s) for s in sorted(sessions, key=lambda s: s.metadata.name) if s.metadata.namespace == namespace]
-    return {"namespace": namespace, "quota": quota, "sessions": rows}
+    phases: dict[str, int] = {}
+    for row in rows:
+        phases[row["phase"] or "Unknown"] = phases.get(row["phase"] or "Unknown", 0) + 1
+    return {"namespace": namespace, "quota": quota, "phases": dict(sorted(phases.items())), "sessions": rows}
 
 
 def _session(session: WhatsAppSession) -> dict[str, Any]:
@@ -77,6 +112,16 @@ def _session(session: WhatsAppSession) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     lines: list[str] = []
+    capacity = report.get("capacity")
+    if capacity is not None:
+        cap = capacity["maxSessions"]
+        summary = (
+            f"{capacity['admitted']}/{cap} sessions admitted"
+            if cap is not None
+            else (f"{capacity['admitted']} sessions admitted; {capacity['note']}")
+        )
+        where = f" (operator configuration {capacity['operator']})" if capacity["operator"] else ""
+        lines += [f"Capacity: {summary}{where}", ""]
     for tenant in report["tenants"]:
         quota = tenant["quota"]
         if quota is None:
@@ -86,7 +131,10 @@ def render(report: dict[str, Any]) -> str:
             summary = f"{used}/{quota['maxSessions']} sessions, {quota['messagesPerMinute']} messages/min"
             if quota["ignored"]:
                 summary += f" (ignored TenantQuotas: {', '.join(quota['ignored'])})"
-        lines += [f"Tenant {tenant['namespace']}: {summary}", ""]
+        lines.append(f"Tenant {tenant['namespace']}: {summary}")
+        if tenant["phases"]:
+            lines.append("  " + ", ".join(f"{phase} {count}" for phase, count in tenant["phases"].items()))
+        lines.append("")
         if not tenant["sessions"]:
             lines += ["  no WhatsAppSessions in this namespace", ""]
             continue
@@ -104,7 +152,9 @@ def render(report: dict[str, Any]) -> str:
         if problems:
             lines += ["", "  Problems:"] + [f"    {name}: {problem}" for name, problem in problems]
         lines.append("")
-    return "\n".join(lines) if lines else "no WhatsAppSessions or TenantQuotas found\n"
+    if not report["tenants"]:
+        lines.append("no WhatsAppSessions or TenantQuotas found")
+    return "\n".join(lines)
 
 
 def main(cluster: Cluster, namespace: str | None, name: str | None, output: str) -> int:

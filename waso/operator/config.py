@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from waso.api.base import Quantity
 from waso.api.quota import TenantQuotaSpec
+from waso.api.tenancy import DEFAULT_MAX_SESSIONS
 
 CONFIG_ENV = "WASO_CONFIG"
 
@@ -113,7 +114,7 @@ class OperatorConfig(BaseSettings):
         use_attribute_docstrings=True,
     )
 
-    max_sessions: int = Field(default=35, ge=0, le=100_000)
+    max_sessions: int = Field(default=DEFAULT_MAX_SESSIONS, ge=0, le=100_000)
     """Global capacity: sessions admitted at once in the whole cluster."""
     default_quota: TenantQuotaSpec = TenantQuotaSpec()
     """The quota of a namespace without a TenantQuota."""
