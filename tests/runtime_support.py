@@ -85,6 +85,19 @@ class SseStream:
                 return item[1]
         raise AssertionError(f"stream closed before a {wanted!r} event")
 
+    def scan(self, simulator_url: str, phone: str, attempts: int = 5) -> dict[str, Any]:
+        """Scan the QR code the stream offers with the simulator's phone, as a person does: a code that
+        rotated between being drawn and being scanned (a busy machine) is refused, and the next one is scanned."""
+        for _ in range(attempts):
+            code = self.until("qr")["code"]
+            scanned = http_json("POST", f"{simulator_url}/v1/phones/{phone}/scan", {"code": code})
+            if scanned.status == 422 and "not the current one" in str(scanned.body):
+                continue
+            assert scanned.status == 200, scanned.body
+            body: dict[str, Any] = scanned.body
+            return body
+        raise AssertionError(f"every one of {attempts} QR codes rotated before it was scanned")
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             if self.connection.sock is not None:

@@ -18,12 +18,13 @@ from waso.api.conditions import find_condition
 from waso.api.jid import parse_jid
 from waso.api.quota import TenantQuotaSpec
 from waso.api.session import RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.api.tenancy import heartbeat
 from waso.operator.admission import ADMITTED, plan_admission
 from waso.operator.config import OperatorConfig
 from waso.operator.health import device_health
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.resources import RUNTIME_RULES, statefulset, tenant_objects
-from waso.operator.status import desired_status
+from waso.operator.status import desired_status, silent_shards
 from waso.operator.world import SessionFacts, pod_facts
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -267,6 +268,67 @@ def test_a_session_pod_that_recovered_from_an_oom_kill_is_not_reported() -> None
     assert not recovered.out_of_memory
     assert not other_crash.out_of_memory
     assert pod_facts({"metadata": {"name": "not-a-statefulset-pod", "namespace": "acme"}}) is None
+
+
+def _heartbeat_lease(
+    shard: str, renewed: str, *, memory: str | None = None, name: str = "waso-runtime-p"
+) -> dict[str, Any]:
+    annotations = {"waso.dev/memory": memory} if memory else {}
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "acme",
+            "labels": {"waso.dev/shard": shard},
+            "annotations": annotations,
+        },
+        "spec": {"holderIdentity": "p", "renewTime": renewed, "leaseDurationSeconds": 15},
+    }
+
+
+def test_a_heartbeat_lease_says_until_when_its_runtime_counts_as_alive() -> None:
+    beat = heartbeat(_heartbeat_lease("1", "2026-11-28T12:00:00.000000Z", memory="100/400"))
+    assert beat is not None
+    # alive for two Lease durations: one late renewal is not a lost runtime
+    assert (beat.namespace, beat.shard, beat.renewed, beat.expires) == ("acme", 1, T0, T0 + timedelta(seconds=30))
+    assert beat.memory is not None
+    assert beat.memory.fraction == 0.25
+    assert heartbeat(_heartbeat_lease("1", "2026-11-28T12:00:00Z")).memory is None
+    assert heartbeat(_heartbeat_lease("x", "2026-11-28T12:00:00Z")) is None  # no shard
+    assert heartbeat({"metadata": {"namespace": "acme", "labels": {"waso.dev/shard": "0"}}, "spec": {}}) is None
+
+
+def test_a_shard_is_silent_once_its_freshest_heartbeat_expired() -> None:
+    beats = [
+        heartbeat(_heartbeat_lease("0", "2026-11-28T11:59:00Z", name="waso-runtime-a")),
+        heartbeat(_heartbeat_lease("0", "2026-11-28T12:00:00Z", name="waso-runtime-b")),
+        heartbeat(_heartbeat_lease("1", "2026-11-28T11:59:00Z")),
+    ]
+    old, fresh, other = (beat for beat in beats if beat is not None)
+    assert silent_shards([old, fresh, other], T0 + timedelta(seconds=29)) == {("acme", 1): other}
+    assert silent_shards([old, fresh, other], T0 + timedelta(seconds=31)) == {("acme", 0): fresh, ("acme", 1): other}
+    assert silent_shards([], T0) == {}  # no heartbeat at all: nothing is known to be lost
+
+
+def test_a_connected_session_whose_runtime_went_silent_is_not_reported_connected() -> None:
+    jid = "4915112345678:53@s.whatsapp.net"
+    stale = RuntimeStatus(state=RuntimeState.CONNECTED, jid=jid, stored_jid=jid)  # written before the node was lost
+    beat = heartbeat(_heartbeat_lease("0", "2026-11-28T11:59:00Z"))  # expired at 11:59:30
+    lost = desired_status(facts("s", shard=0, runtime=stale), ADMITTED, 0, T0, silent=beat)
+    connected = find_condition(lost.conditions, "Connected")
+    assert connected is not None
+    assert (connected.status, connected.reason) == ("Unknown", "HeartbeatLost")
+    assert "2026-11-28T11:59:00Z" in connected.message
+    ready = find_condition(lost.conditions, "Ready")
+    assert ready is not None
+    assert (ready.status, ready.reason, lost.phase) == ("False", "HeartbeatLost", "Disconnected")
+    assert find_condition(lost.conditions, "Reconciling") is not None  # it comes back with its pod or node
+    assert find_condition(lost.conditions, "Stalled") is None
+    # A runtime that said it stopped, and a session nobody reported on, are not lost.
+    stopped = RuntimeStatus(state=RuntimeState.STOPPED, stored_jid=jid)
+    quiet = desired_status(facts("s", shard=0, runtime=stopped), ADMITTED, 0, T0, silent=beat)
+    assert find_condition(quiet.conditions, "Connected").reason == "Disconnected"
+    fresh = desired_status(facts("s", shard=0, runtime=stale), ADMITTED, 0, T0)
+    assert find_condition(fresh.conditions, "Ready").status == "True"
 
 
 # -- tenant workload -------------------------------------------------------------------------

@@ -176,10 +176,8 @@ def _pair(simulator_url: str, tenant: Tenant) -> None:
     stream = SseStream(tenant.runtime.port, "/v1/sessions/s1/qr", token=tenant.token)
     try:
         assert stream.status == 200, tenant.namespace
-        qr = stream.until("qr")
-        scanned = http_json("POST", f"{simulator_url}/v1/phones/{tenant.phone}/scan", {"code": qr["code"]})
-        assert scanned.status == 200, scanned.body
-        assert stream.until("paired") == {"jid": scanned.body["jid"]}
+        scanned = stream.scan(simulator_url, tenant.phone)
+        assert stream.until("paired") == {"jid": scanned["jid"]}
     finally:
         stream.close()
 

@@ -104,13 +104,10 @@ class World:
     def pair_by_qr(self, runtime: Process, name: str = "s1", phone: str = PHONE) -> dict[str, Any]:
         stream = SseStream(runtime.port, f"/v1/sessions/{name}/qr", token=self.token)
         assert stream.status == 200
-        qr = stream.until("qr")
-        scanned = http_json("POST", f"{self.simulator.url}/v1/phones/{phone}/scan", {"code": qr["code"]})
-        assert scanned.status == 200, scanned.body
-        assert stream.until("paired") == {"jid": scanned.body["jid"]}
+        scanned = stream.scan(self.simulator.url, phone)
+        assert stream.until("paired") == {"jid": scanned["jid"]}
         stream.close()
-        result: dict[str, Any] = scanned.body
-        return result
+        return scanned
 
     def stop(self) -> None:
         for process in self.runtimes:
@@ -180,6 +177,39 @@ def test_restarted_runtime_reconnects_from_stored_credentials(world: World) -> N
     assert after["links"] == before["links"] == 1  # no new device linked
     assert after["qr_codes"] == before["qr_codes"]  # and no new QR code offered
     assert after["logins"] == before["logins"] + 1
+
+
+@pytest.mark.operator_env(WASO_RESYNC_SECONDS="2")
+def test_a_killed_runtime_is_reported_lost_once_its_heartbeat_expires_and_ready_again_with_its_successor(
+    world: World,
+) -> None:
+    runtime = world.runtime()  # heartbeat every 2 s, leases of 3 s (runtime_support)
+    world.session()
+    world.wait_state("AwaitingPairing")
+    world.pair_by_qr(runtime)
+    world.wait_state("Connected")
+    wait_for(lambda: (c := condition(get(world.api, world.namespace, "s1"), "Ready")) and c["status"] == "True",
+             timeout=30, what="s1 Ready")  # fmt: skip
+
+    runtime.stop(kill=True)  # as a lost node does: no last word
+
+    def lost() -> dict[str, Any] | None:
+        session = get(world.api, world.namespace, "s1")
+        found = condition(session, "Connected")
+        return session if found and found["reason"] == "HeartbeatLost" else None
+
+    session = wait_for(lost, timeout=60, what="Connected=Unknown (HeartbeatLost)", interval=0.2)
+    connected, ready = condition(session, "Connected"), condition(session, "Ready")
+    assert connected is not None
+    assert ready is not None
+    assert connected["status"] == "Unknown"
+    assert "last renewed its heartbeat at" in connected["message"]
+    assert (ready["status"], ready["reason"], session["status"]["phase"]) == ("False", "HeartbeatLost", "Disconnected")
+    assert session["status"]["runtime"]["state"] == "Connected"  # the runtime's own last word is kept as it was
+
+    world.runtime()  # the pod's successor, on the same volume
+    wait_for(lambda: (c := condition(get(world.api, world.namespace, "s1"), "Ready")) and c["status"] == "True",
+             timeout=60, what="s1 Ready again with the new runtime")  # fmt: skip
 
 
 def test_two_runtimes_on_one_shard_never_hold_two_sockets(world: World) -> None:

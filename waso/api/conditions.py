@@ -94,6 +94,9 @@ class Reason(StrEnum):
     """Repairs keep failing to fix the identity: automatic repair stopped until a person acts."""
     OUT_OF_MEMORY = "OutOfMemory"
     """The kernel killed the session pod at its memory limit (OOMKilled); the tenant's quota must allow more."""
+    HEARTBEAT_LOST = "HeartbeatLost"
+    """The runtime serving the session stopped renewing its heartbeat Lease: its last report is stale (the pod,
+    its node or its network is down), so the device is likely offline."""
     # Summary
     READY = "Ready"
     """Everything the spec asks for holds."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from waso.api.quota import TenantQuota, TenantQuotaSpec, TenantQuotaStatus
@@ -86,6 +86,30 @@ class MemoryReport:
 
 def memory_annotation(used: int, limit: int) -> str:
     return f"{used}/{limit}"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A session pod's heartbeat Lease: the runtime of ``shard`` was alive at ``renewed``, and is taken for
+    alive until ``expires``, two Lease durations later (a renewal delayed by a busy API server is not a lost
+    runtime); with its memory report, if it carries one."""
+
+    namespace: str
+    shard: int
+    renewed: datetime
+    expires: datetime
+    memory: MemoryReport | None
+
+
+def heartbeat(lease: Mapping[str, Any]) -> Heartbeat | None:
+    """The facts of a heartbeat Lease; None when it is not one (no shard, never renewed)."""
+    meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+    shard = (meta.get("labels") or {}).get(SHARD_LABEL, "")
+    renewed, duration = spec.get("renewTime"), spec.get("leaseDurationSeconds")
+    if not (shard.isdigit() and renewed and isinstance(duration, int) and meta.get("namespace")):
+        return None
+    at = datetime.fromisoformat(str(renewed).replace("Z", "+00:00"))
+    return Heartbeat(str(meta["namespace"]), int(shard), at, at + timedelta(seconds=2 * duration), memory_report(lease))
 
 
 def memory_report(lease: Mapping[str, Any]) -> MemoryReport | None:

@@ -30,7 +30,7 @@ from waso.api.base import API_VERSION, format_timestamp
 from waso.api.conditions import ConditionType, Reason, find_condition, is_true
 from waso.api.quota import TenantQuota, TenantQuotaSpec
 from waso.api.session import CLEANUP_FINALIZER, RepairStatus, RuntimeState, WhatsAppSession, WhatsAppSessionStatus
-from waso.api.tenancy import SHARD_LABEL, MemoryReport, QuotaFacts, honoured_quota
+from waso.api.tenancy import SHARD_LABEL, Heartbeat, MemoryReport, QuotaFacts, honoured_quota
 from waso.kube import ApiError, KubeClient, reference
 from waso.logs import about
 from waso.operator import metrics
@@ -53,7 +53,14 @@ from waso.operator.repair import (
     settle,
 )
 from waso.operator.resources import review_binding, review_role, tenant_objects
-from waso.operator.status import DELETING, desired_quota_status, desired_status, operator_part, parked_since
+from waso.operator.status import (
+    DELETING,
+    desired_quota_status,
+    desired_status,
+    operator_part,
+    parked_since,
+    silent_shards,
+)
 from waso.operator.world import PodFacts, SessionFacts
 from waso.status_writer import Outcome, StatusWriter
 from waso.tasks import first_of
@@ -111,7 +118,7 @@ class Controller:
         self.quotas: Mapping[str, Iterable[QuotaFacts]] = {}
         self.pods: Mapping[str, Iterable[PodFacts]] = {}
         self.access: Mapping[str, Iterable[bool]] = {}
-        self.memory: Mapping[str, Iterable[MemoryReport]] = {}
+        self.heartbeats: Mapping[str, Iterable[Heartbeat]] = {}
         self.session_status = StatusWriter(
             kube, WhatsAppSession.KIND, MANAGER, on_write=metrics.STATUS_WRITES.labels(WhatsAppSession.KIND).inc
         )
@@ -149,14 +156,14 @@ class Controller:
         quotas: Mapping[str, Iterable[QuotaFacts]],
         pods: Mapping[str, Iterable[PodFacts]],
         access: Mapping[str, Iterable[bool]],
-        memory: Mapping[str, Iterable[MemoryReport]],
+        heartbeats: Mapping[str, Iterable[Heartbeat]],
     ) -> None:
         """Hand over kopf's live index views (the same objects on every call)."""
         if not self.attached:  # kopf runs no handler before every index has been filled
             log.info("indexes filled: %d tenant(s) with sessions", len(sessions))
             self.attached = True
         self.sessions, self.quotas, self.pods, self.access = sessions, quotas, pods, access
-        self.memory = memory
+        self.heartbeats = heartbeats
 
     def under_pressure(self, report: MemoryReport) -> bool:
         """Whether a pod's memory report calls for a pass now (the resync notices a pressure that ended)."""
@@ -234,7 +241,9 @@ class Controller:
         pods = {(p.namespace, p.shard): p for facts in list(self.pods.values()) for p in facts}
         limits = {ns: self._quota_spec(honoured.get(ns)).max_sessions for ns in namespaces}
 
-        memory = [report for reports in list(self.memory.values()) for report in reports]
+        beats = [beat for found in list(self.heartbeats.values()) for beat in found]
+        memory = [beat.memory for beat in beats if beat.memory is not None]
+        silent = silent_shards(beats, now)
         admitted_now = {s.uid: s.admitted for s in sessions}
         admission = admit(sessions, admitted_now, limits, self.config.max_sessions, self._eviction, now, memory)
         verdicts = admission.verdicts
@@ -298,6 +307,7 @@ class Controller:
                 repair_plan.waiting.get(session.uid),
                 admission.records.get(session.uid),
                 self._eviction.flag_parked_after,
+                silent.get((session.namespace, shard)) if shard is not None else None,
             )
             tally[(session.namespace, desired.phase.value if desired.phase else "")] += 1
             healthy = find_condition(desired.conditions, ConditionType.DEVICE_HEALTHY)

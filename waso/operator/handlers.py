@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from waso.api.base import GROUP, VERSION
 from waso.api.quota import TenantQuota
 from waso.api.session import WhatsAppSession
-from waso.api.tenancy import HEARTBEAT_LABEL, MemoryReport, QuotaFacts, memory_report, quota_facts
+from waso.api.tenancy import HEARTBEAT_LABEL, Heartbeat, QuotaFacts, heartbeat, memory_report, quota_facts
 from waso.kube import KubeClient
 from waso.operator.config import load_config
 from waso.operator.controller import Controller, own_namespace, utc_now
@@ -108,9 +108,9 @@ def session_pods_by_tenant(body: kopf.Body, **_: Any) -> dict[str, PodFacts] | N
 
 
 @kopf.index("coordination.k8s.io", "v1", "leases", labels={HEARTBEAT_LABEL: "true"}, when=in_scope)
-def memory_by_tenant(body: kopf.Body, **_: Any) -> dict[str, MemoryReport] | None:
-    report = memory_report(body)
-    return {report.namespace: report} if report is not None else None
+def heartbeats_by_tenant(body: kopf.Body, **_: Any) -> dict[str, Heartbeat] | None:
+    found = heartbeat(body)
+    return {found.namespace: found} if found is not None else None
 
 
 def under_pressure(body: kopf.Body, memo: kopf.Memo, namespace: str | None, **_: Any) -> bool:
@@ -136,6 +136,6 @@ def poke(memo: kopf.Memo, **kwargs: Any) -> None:
     quotas: kopf.Index[str, QuotaFacts] = kwargs["quotas_by_tenant"]
     pods: kopf.Index[str, PodFacts] = kwargs["session_pods_by_tenant"]
     access: kopf.Index[str, bool] = kwargs["runtime_identity_by_tenant"]
-    memory: kopf.Index[str, MemoryReport] = kwargs["memory_by_tenant"]
-    memo.controller.attach(sessions, quotas, pods, access, memory)
+    heartbeats: kopf.Index[str, Heartbeat] = kwargs["heartbeats_by_tenant"]
+    memo.controller.attach(sessions, quotas, pods, access, heartbeats)
     memo.controller.poke()

@@ -25,7 +25,7 @@ from waso.api.conditions import (
 )
 from waso.api.quota import QuotaAmounts, TenantQuotaStatus
 from waso.api.session import EvictionStatus, Phase, RepairStatus, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
-from waso.api.tenancy import QuotaFacts
+from waso.api.tenancy import Heartbeat, QuotaFacts
 from waso.operator.admission import Verdict
 from waso.operator.health import Health, device_health
 from waso.operator.world import PodFacts, SessionFacts
@@ -57,11 +57,42 @@ def out_of_memory_message(pod: PodFacts) -> str:
     )
 
 
-def _connected(runtime: RuntimeStatus | None, pod: PodFacts | None) -> tuple[ConditionStatus, Reason, str]:
+_LIVE_STATES = frozenset({RuntimeState.CONNECTED, RuntimeState.CONNECTING, RuntimeState.AWAITING_PAIRING})
+
+
+def silent_shards(heartbeats: Iterable[Heartbeat], now: datetime) -> dict[tuple[str, int], Heartbeat]:
+    """The shards whose runtime stopped renewing its heartbeat, by (namespace, shard): its freshest Lease expired.
+
+    A shard with no heartbeat at all is not here: that runtime never said it was alive (or predates heartbeats)."""
+    freshest: dict[tuple[str, int], Heartbeat] = {}
+    for beat in heartbeats:
+        key = (beat.namespace, beat.shard)
+        if key not in freshest or beat.renewed > freshest[key].renewed:
+            freshest[key] = beat
+    return {key: beat for key, beat in freshest.items() if beat.expires < now}
+
+
+def heartbeat_lost_message(beat: Heartbeat, runtime: RuntimeStatus) -> str:
+    state = runtime.state.value if runtime.state else "unknown"
+    return (
+        f"the runtime of shard {beat.shard} last renewed its heartbeat at {format_timestamp(beat.renewed)}: "
+        f"its pod, node or network is down, so its last report ({state}) is stale and the device is likely offline"
+    )
+
+
+def _lost(runtime: RuntimeStatus | None, silent: Heartbeat | None) -> bool:
+    return silent is not None and runtime is not None and runtime.state in _LIVE_STATES
+
+
+def _connected(
+    runtime: RuntimeStatus | None, pod: PodFacts | None, silent: Heartbeat | None = None
+) -> tuple[ConditionStatus, Reason, str]:
     if pod is not None and pod.out_of_memory:  # the runtime's own report is stale: its process was killed
         return "False", Reason.OUT_OF_MEMORY, out_of_memory_message(pod)
     if runtime is None or runtime.state is None:
         return "Unknown", Reason.NO_RUNTIME_REPORT, "no session runtime has reported yet"
+    if silent is not None and _lost(runtime, silent):
+        return "Unknown", Reason.HEARTBEAT_LOST, heartbeat_lost_message(silent, runtime)
     if runtime.state == RuntimeState.CONNECTED:
         return "True", Reason.CONNECTED, f"connected as {runtime.jid}" if runtime.jid else "connected"
     if runtime.state == RuntimeState.BANNED:
@@ -94,6 +125,7 @@ def _summary(
     repairs: RepairStatus | None,
     repair_stalled: str | None,
     repair_waiting: str | None,
+    silent: Heartbeat | None = None,
 ) -> tuple[Progress, str, str, Phase]:
     if verdict.reason == Reason.PHONE_NUMBER_CONFLICT:
         return "Stalled", verdict.reason, verdict.message, Phase.FAILED
@@ -119,6 +151,8 @@ def _summary(
     if health.healthy is False:
         message = f"{health.message}; repair: {repair_waiting}" if repair_waiting else health.message
         return "Stalled", health.reason, message, Phase.FAILED
+    if silent is not None and runtime is not None and _lost(runtime, silent):  # comes back with its pod or node
+        return "Reconciling", Reason.HEARTBEAT_LOST, heartbeat_lost_message(silent, runtime), Phase.DISCONNECTED
     state = runtime.state if runtime else None
     if state is None or state in (RuntimeState.STOPPED, RuntimeState.CONNECTING):
         return "Reconciling", Reason.PROGRESSING, "admitted; waiting for the session runtime to connect", Phase.STARTING
@@ -155,8 +189,10 @@ def desired_status(
     repair_waiting: str | None = None,
     eviction: Evicted | None = None,
     flag_parked_after: timedelta = timedelta(days=14),
+    silent: Heartbeat | None = None,
 ) -> WhatsAppSessionStatus:
-    """The operator's part of the status (all but ``runtime``); ``pod`` is the session pod of ``shard``."""
+    """The operator's part of the status (all but ``runtime``); ``pod`` is the session pod of ``shard``, and
+    ``silent`` its expired heartbeat, if the runtime of ``shard`` stopped renewing it."""
     generation = facts.generation
     runtime = facts.runtime
     health = device_health(runtime, max_device_id)
@@ -169,12 +205,12 @@ def desired_status(
     put(ConditionType.ADMITTED, "True" if verdict.admitted else "False", verdict.reason, verdict.message)
     conditions = _parked(conditions, verdict, generation, now, flag_parked_after)
     put(ConditionType.PAIRED, *_paired(runtime, find_condition(conditions, ConditionType.PAIRED)))
-    put(ConditionType.CONNECTED, *_connected(runtime, pod))
+    put(ConditionType.CONNECTED, *_connected(runtime, pod, silent))
     healthy: ConditionStatus = "Unknown" if health.healthy is None else ("True" if health.healthy else "False")
     put(ConditionType.DEVICE_HEALTHY, healthy, health.reason, health.message)
     repairs = repairs if repairs is not None else facts.status.repairs
     progress, reason, message, phase = _summary(
-        verdict, runtime, health, pod, now, repairs, repair_stalled, repair_waiting
+        verdict, runtime, health, pod, now, repairs, repair_stalled, repair_waiting, silent
     )
     conditions = set_kstatus(conditions, progress, reason, message, observed_generation=generation, now=now)
 
