@@ -362,11 +362,8 @@ def test_runbook_node_lost_fenced_and_back(cluster: Cluster) -> None:
 
     wait_for(evicted, timeout=300, what="the session pods off the node, waiting for one", interval=1)
 
-    def none_ready() -> bool:  # stopped, or silent: no session claims to be connected without a pod
-        sessions = [s for ns in TENANTS for s in list_sessions(cluster.api, ns) if not s["spec"].get("suspend")]
-        return all((c := condition(s, "Ready")) and c["status"] == "False" for s in sessions)
-
-    wait_for(none_ready, timeout=120, what="every running session of the tenants not Ready", interval=0.5)
+    # The operator ran on this (only) node too: the conditions change once it runs again (test_runtime.py
+    # proves HeartbeatLost with the operator alive).
     out = cluster.run("runbook-node-back", NODE=NODE)
     assert "condition met" in out
     wait_all_ready(cluster)
