@@ -221,9 +221,9 @@ class RuntimeStatus(ApiModel):
     last_error: str | None = Field(default=None, max_length=4096)
     """The last error the transport reported."""
     banned_until: Timestamp | None = None
+    """When a temporary ban ends, when WhatsApp said so."""
     last_repair: RepairReport | None = None
     """The last repair this session's runtime carried out."""
-    """When a temporary ban ends, when WhatsApp said so."""
 
 
 class WhatsAppSessionStatus(ApiModel):
