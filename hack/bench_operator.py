@@ -40,6 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1000:100,5000:500,10000:1000", help="SESSIONS:TENANTS,...")
     parser.add_argument("--threads", type=int, default=16, help="client threads for creates and the floor")
+    parser.add_argument("--curve-only", action="store_true", help="skip latency, steady state and failover")
     args = parser.parse_args()
     sizes = [tuple(int(n) for n in size.split(":")) for size in args.sizes.split(",")]
     rows = []
@@ -50,7 +51,7 @@ def main() -> int:
             cluster = LocalCluster(Path(tmp) / "cluster", node=False)
             cluster.start(tied=True)
             try:
-                last = index == len(sizes) - 1
+                last = index == len(sizes) - 1 and not args.curve_only
                 row = run(cluster.kubeconfig, sessions, tenants, sessions // tenants, args.threads, Path(tmp), last)
             finally:
                 cluster.stop()
@@ -137,7 +138,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     def start_operator(name: str, wrap: list[str]) -> subprocess.Popen[bytes]:
         out = log if name == "operator-0" else (tmp / f"{name}.log").open("wb")
         return subprocess.Popen(
-            [*wrap, sys.executable, "-m", "waso.cli.main", "operator", "-v"],  # cluster-wide: one watch per kind
+            [*wrap, sys.executable, "-m", "waso.cli.main", "operator"],  # cluster-wide, logs as shipped
             env={**env, "POD_NAME": name}, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
 

@@ -46,3 +46,25 @@ def test_a_status_write_to_an_unreachable_api_server_fails_softly_and_is_not_rec
         assert writer.current("acme", "s1", None, 0) is None  # nothing believed written
     finally:
         kube.close()
+
+
+class _Applies:
+    """A KubeClient whose server-side applies succeed at the next resourceVersion."""
+
+    def __init__(self) -> None:
+        self.revision = 10
+
+    async def apply(self, body: dict[str, object], manager: str, subresource: str | None = None) -> dict[str, object]:
+        self.revision += 1
+        return {"metadata": {"resourceVersion": str(self.revision)}}
+
+
+def test_a_write_is_pending_until_the_watch_delivers_its_revision() -> None:
+    writer = StatusWriter(_Applies(), "WhatsAppSession", "waso-operator")  # type: ignore[arg-type]
+    assert writer.pending("acme", "s1", 10) is None  # nothing written: nothing to serialize for
+    asyncio.run(writer.write("acme", "s1", {"phase": "Waiting"}, {"phase": "Pending"}, 10))
+    assert writer.pending("acme", "s1", 10) == {"phase": "Waiting"}  # the watch still shows revision 10
+    assert writer.current("acme", "s1", {"phase": "Pending"}, 10) == {"phase": "Waiting"}
+    assert writer.pending("acme", "s1", 11) is None  # delivered: the record is dropped
+    assert writer.current("acme", "s1", {"phase": "Waiting"}, 11) == {"phase": "Waiting"}
+    assert writer.pending("acme", "s1", 10) is None  # and stays dropped

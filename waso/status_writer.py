@@ -68,13 +68,22 @@ class StatusWriter:
 
     def current(self, namespace: str, name: str, observed: Wire | None, observed_revision: int) -> Wire | None:
         """What the server holds of this writer's part: its own newer write, else the observed part."""
+        written = self.pending(namespace, name, observed_revision)
+        return written if written is not None else observed
+
+    def pending(self, namespace: str, name: str, observed_revision: int) -> Wire | None:
+        """This writer's own write that the watch has not delivered yet (newer than ``observed_revision``).
+
+        Cheaper than ``current`` for callers that would otherwise serialize the observed part for nothing:
+        most objects have no write in flight."""
         key = (namespace, name)
         written = self._written.get(key)
-        if written is not None:
-            if observed_revision < written.resource_version:
-                return written.part
-            del self._written[key]
-        return observed
+        if written is None:
+            return None
+        if observed_revision < written.resource_version:
+            return written.part
+        del self._written[key]
+        return None
 
     async def write(
         self, namespace: str, name: str, desired: Wire, observed: Wire | None, observed_revision: int

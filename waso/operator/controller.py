@@ -419,11 +419,10 @@ class Controller:
 
     def _effective(self, facts: SessionFacts) -> SessionFacts:
         """The session as this process last wrote it, until the watch has caught up."""
-        observed = operator_part(facts.status).to_wire()
-        current = self.session_status.current(facts.namespace, facts.name, observed, facts.resource_version)
-        if current is observed or current is None:
+        written = self.session_status.pending(facts.namespace, facts.name, facts.resource_version)
+        if written is None:  # the watch has delivered everything this process wrote (the usual case)
             return facts
-        status = WhatsAppSessionStatus.model_validate({**current, "runtime": facts.status.runtime})
+        status = WhatsAppSessionStatus.model_validate({**written, "runtime": facts.status.runtime})
         return replace(
             facts,
             admitted=is_true(status.conditions, ConditionType.ADMITTED),
