@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,9 +79,7 @@ def _tenant(namespace: str, sessions: Iterable[WhatsAppSession], quotas: Iterabl
             "ignored": [q.name for q in own if q.uid != in_force.uid],
         }
     rows = [_session(s) for s in sorted(sessions, key=lambda s: s.metadata.name) if s.metadata.namespace == namespace]
-    phases: dict[str, int] = {}
-    for row in rows:
-        phases[row["phase"] or "Unknown"] = phases.get(row["phase"] or "Unknown", 0) + 1
+    phases = Counter(row["phase"] or "Unknown" for row in rows)
     return {"namespace": namespace, "quota": quota, "phases": dict(sorted(phases.items())), "sessions": rows}
 
 
