@@ -98,6 +98,15 @@ def get(api: client.ApiClient, namespace: str, name: str, plural: str = PLURAL) 
     )
 
 
+def namespace_gone(api: client.ApiClient, name: str) -> bool:
+    """Whether the namespace is deleted for good (not merely terminating)."""
+    try:
+        client.CoreV1Api(api).read_namespace(name)
+    except client.ApiException as error:
+        return error.status == 404
+    return False
+
+
 def list_sessions(api: client.ApiClient, namespace: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = client.CustomObjectsApi(api).list_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL

@@ -30,7 +30,15 @@ from kubernetes import client
 from processes import http_ok
 
 from tests.conftest import ControlPlane
-from tests.operator_support import Tenants, condition, create_quota, create_session, get, list_sessions
+from tests.operator_support import (
+    Tenants,
+    condition,
+    create_quota,
+    create_session,
+    get,
+    list_sessions,
+    namespace_gone,
+)
 from tests.runtime_support import http_json
 from tests.support import BIN, kubectl, wait_for
 from tests.test_health_checks import argocd_health
@@ -288,14 +296,7 @@ def test_deleting_a_tenant_namespace_unlinks_every_device_within_a_minute(releas
     kubectl(release.control_plane.kubeconfig, "delete", "namespace", namespace, "--wait=false")
     started = time.monotonic()
 
-    def gone() -> bool:
-        try:
-            client.CoreV1Api(api).read_namespace(namespace)
-        except client.ApiException as error:
-            return error.status == 404
-        return False
-
-    wait_for(gone, timeout=60, what=f"namespace {namespace} deleted", interval=0.5)
+    wait_for(lambda: namespace_gone(api, namespace), timeout=60, what=f"namespace {namespace} deleted", interval=0.5)
     took = time.monotonic() - started
     for phone, jids in linked.items():
         devices = _devices(release, phone)

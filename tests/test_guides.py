@@ -26,7 +26,7 @@ import pytest
 from kubernetes import client
 
 from tests.conftest import ControlPlane, redis_process
-from tests.operator_support import condition, get, list_sessions
+from tests.operator_support import condition, get, list_sessions, namespace_gone
 from tests.runtime_support import http_json
 from tests.support import BIN, free_port, kubectl, wait_for
 
@@ -141,14 +141,6 @@ def wait_all_ready(cluster: Cluster, namespaces: tuple[str, ...] = TENANTS, time
         return bool(sessions) and all((c := condition(s, "Ready")) and c["status"] == "True" for s in sessions)
 
     wait_for(ready, timeout=timeout, what=f"every session of {', '.join(namespaces)} Ready", interval=0.5)
-
-
-def namespace_gone(api: client.ApiClient, name: str) -> bool:
-    try:
-        client.CoreV1Api(api).read_namespace(name)
-    except client.ApiException as error:
-        return error.status == 404
-    return False
 
 
 def wait_gone(control_plane: ControlPlane, namespaces: tuple[str, ...], timeout: float = 180) -> None:
