@@ -22,7 +22,9 @@ from tests.conftest import ControlPlane
 from tests.operator_support import Tenants, create_session, wait_admission
 from tests.runtime_support import spawn_waso
 from tests.support import BIN, kubectl, wait_for
+from waso.api.base import GROUP, VERSION
 from waso.api.quota import TenantQuotaSpec
+from waso.api.session import CLEANUP_FINALIZER, WhatsAppSession
 from waso.operator.config import EvictionSettings, LeaderElectionSettings, OperatorConfig, RepairSettings, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,9 +309,18 @@ def test_operator_works_with_exactly_the_charts_permissions(
     tenant = tenants.namespace("acme")
     operator = spawn_waso(["operator", "-n", tenants.pattern], env, log)
     try:
+        # The chart's admission policy sets the credentials finalizer at creation, once the API server has loaded it.
+        wait_for(lambda: _finalizers_at_creation(control_plane.api, tenant) == [CLEANUP_FINALIZER], timeout=60,
+                 what="the credentials finalizer set by the chart's MutatingAdmissionPolicy")  # fmt: skip
+        assert _finalizers_at_creation(control_plane.api, "default") == []  # outside the operator's namespaces
         create_session(control_plane.api, tenant, "s1", "+4915112345699")
         obj = wait_admission(control_plane.api, tenant, "s1", expected=True, reason="Admitted")
-        assert obj["metadata"]["labels"]["waso.dev/shard"] == "0"
+        assert obj["status"]["shard"] == 0
+        assert obj["metadata"]["finalizers"] == [CLEANUP_FINALIZER]
+        # One write per admitted session: its status. The operator wrote nothing else on the object.
+        writes = [(f["manager"], f.get("subresource", "")) for f in obj["metadata"]["managedFields"]]
+        assert ("waso-operator", "") not in writes, writes
+        assert ("waso-operator", "status") in writes, writes
         rbac = client.RbacAuthorizationV1Api(control_plane.api)
         wait_for(lambda: rbac.list_namespaced_role_binding(tenant).items, timeout=30, what="the runtime's RoleBinding")
         apps = client.AppsV1Api(control_plane.api)
@@ -318,3 +329,15 @@ def test_operator_works_with_exactly_the_charts_permissions(
     finally:
         operator.kill()
         operator.wait()
+
+
+def _finalizers_at_creation(api: client.ApiClient, namespace: str) -> list[str]:
+    """The finalizers a new session gets from admission (a dry run: nothing is stored)."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": WhatsAppSession.KIND,
+        "metadata": {"name": "dry-run", "namespace": namespace}, "spec": {"phoneNumber": "+4915112345698"},
+    }  # fmt: skip
+    created = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, WhatsAppSession.PLURAL, body, dry_run="All"
+    )
+    return list(created["metadata"].get("finalizers") or [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -135,7 +136,7 @@ def test_idle_since_counts_connections_and_admissions_not_only_messages() -> Non
     assert runtime is not None
     moved = runtime.model_copy(update={"connected_at": NOW - timedelta(minutes=2)})
     status = reconnected.status.model_copy(update={"runtime": moved})
-    assert idle_since(SessionFacts(**{**reconnected.__dict__, "status": status})) == NOW - timedelta(minutes=2)
+    assert idle_since(replace(reconnected, status=status)) == NOW - timedelta(minutes=2)
 
 
 def test_quota_pressure_evicts_within_the_tenant_only() -> None:
@@ -183,7 +184,7 @@ def test_a_person_evicts_and_only_a_person_resumes() -> None:
     assert run([parked], cap=10).verdicts["acme/s"].reason == Reason.EVICTED  # room, but it stays parked
     assert "`waso resume`" in run([parked], cap=10).verdicts["acme/s"].message
 
-    resumed = SessionFacts(**{**parked.__dict__, "resume_request": "2026-11-28T12:00:00Z"})
+    resumed = replace(parked, resume_request="2026-11-28T12:00:00Z")
     back = run([resumed], cap=10)
     assert back.verdicts["acme/s"] == ADMITTED
     assert back.records["acme/s"].status.handled_resume == "2026-11-28T12:00:00Z"
@@ -329,7 +330,7 @@ def test_memory_pressure_never_parks_an_active_session_and_needs_a_limit() -> No
 def parked_for_memory(name: str, at: datetime) -> SessionFacts:
     parked = session(name, admitted=False, evicted=EvictionReason.MEMORY_PRESSURE)
     status = parked.status.model_copy(update={"evicted_at": at})
-    return SessionFacts(**{**parked.__dict__, "status": status, "shard": 0})
+    return replace(parked, status=status, shard=0)
 
 
 def test_after_parking_a_pod_waits_for_a_settled_report_before_parking_more() -> None:

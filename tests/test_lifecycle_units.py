@@ -7,11 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 from tests.test_decisions import facts
 from waso.api.conditions import ConditionType, Reason, find_condition, set_condition
-from waso.api.session import ACTIVITY_GRANULARITY, Phase, RuntimeState, RuntimeStatus
-from waso.operator.admission import ADMITTED
+from waso.api.session import ACTIVITY_GRANULARITY, Phase, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.operator.admission import ADMITTED, Verdict
 from waso.operator.controller import retry_after
-from waso.operator.events import EventReason, lifecycle_events
-from waso.operator.status import desired_status
+from waso.operator.events import Decision, EventReason, decision_events, lifecycle_events
+from waso.operator.status import SettledStatuses, StatusInputs, desired_status
+from waso.operator.world import SessionFacts
 from waso.session_runtime.lifecycle import (
     Activity,
     Connecting,
@@ -218,3 +219,72 @@ def test_health_and_device_number_gauges_follow_each_pass() -> None:
     assert sample("waso_sessions_unhealthy", {"tenant": "globex", "reason": "MalformedJid"}) is None  # gone
     metrics.publish(metrics.DEVICE_NUMBERS, Counter({("21-50",): 3}))
     assert sample("waso_sessions_by_device_number", {"range": "21-50"}) == 3
+
+
+def _decision(namespace: str, name: str, reason: Reason, warning: bool = False) -> Decision:
+    return Decision(namespace, name, reason.value, f"{reason.value} because", warning)
+
+
+def test_a_burst_of_admissions_is_one_event_per_tenant_and_reason() -> None:
+    burst = [_decision("acme", f"s{i:02d}", Reason.ADMITTED) for i in range(12)]
+    waiting = [_decision("acme", f"w{i}", Reason.CAPACITY_EXCEEDED, warning=True) for i in range(2)]
+    lone = _decision("globex", "only", Reason.ADMITTED)
+    single, bursts = decision_events([*burst, *waiting, lone])
+    assert single == [lone]
+    by_reason = {b.reason: b for b in bursts}
+    assert set(by_reason) == {"Admitted", "CapacityExceeded"}
+    admitted = by_reason["Admitted"]
+    assert (admitted.namespace, admitted.count, admitted.warning) == ("acme", 12, False)
+    assert admitted.message == (
+        "tenant acme: Admitted for 12 sessions at once: s00, s01, s02, s03, s04, s05, s06, s07, s08, s09 "
+        "and 2 more (s00: Admitted because)"
+    )
+    assert by_reason["CapacityExceeded"].warning
+    assert by_reason["CapacityExceeded"].count == 2
+
+
+def test_evictions_stay_one_event_per_session_even_in_a_burst() -> None:
+    evicted = [_decision("acme", f"s{i}", Reason.EVICTED, warning=True) for i in range(5)]
+    single, bursts = decision_events(evicted)
+    assert single == evicted
+    assert bursts == []
+
+
+def _stored(session: SessionFacts, desired: WhatsAppSessionStatus) -> SessionFacts:
+    """The session as the watch delivers it once ``desired`` is written."""
+    return replace(session, status=desired.model_copy(update={"runtime": session.runtime}), resource_version=2)
+
+
+def test_a_settled_status_is_reused_until_the_session_or_its_inputs_change() -> None:
+    settled = SettledStatuses(timedelta(days=14))
+    inputs = StatusInputs(ADMITTED, 0)
+    session = _stored(facts("s1"), desired_status(facts("s1"), ADMITTED, 0, T0))
+    desired = desired_status(session, ADMITTED, 0, T0)
+    settled.put(session, inputs, desired, T0)
+    found = settled.get(session, inputs, T0 + timedelta(days=365))
+    assert found is not None
+    assert (found.phase, found.unhealthy, found.parked_since) == ("Starting", None, None)
+    assert settled.get(session, StatusInputs(ADMITTED, 1), T0) is None  # other inputs: computed again
+    settled.put(session, inputs, desired, T0)
+    assert settled.get(replace(session, resource_version=3), inputs, T0) is None  # the informer's new facts
+    assert len(settled) == 0
+
+
+def test_a_parked_or_banned_status_is_computed_again_when_the_clock_would_change_it() -> None:
+    flag_after = timedelta(days=14)
+    settled = SettledStatuses(flag_after)
+    suspended = Verdict(False, Reason.SUSPENDED, "spec.suspend is true")
+    session = _stored(facts("s1"), desired_status(facts("s1"), suspended, 0, T0))
+    inputs = StatusInputs(suspended, 0)
+    settled.put(session, inputs, desired_status(session, suspended, 0, T0), T0)
+    assert settled.get(session, inputs, T0 + flag_after - timedelta(seconds=1)) is not None
+    assert settled.get(session, inputs, T0 + flag_after) is None  # now ParkedTooLong: not the same status
+    flagged = desired_status(session, suspended, 0, T0 + flag_after)
+    assert find_condition(flagged.conditions, ConditionType.PARKED).reason == Reason.PARKED_TOO_LONG
+
+    banned = RuntimeStatus(state=RuntimeState.BANNED, stored_jid=JID, banned_until=T0 + timedelta(minutes=10))
+    session = _stored(facts("s2", runtime=banned), desired_status(facts("s2", runtime=banned), ADMITTED, 0, T0))
+    inputs = StatusInputs(ADMITTED, 0)
+    settled.put(session, inputs, desired_status(session, ADMITTED, 0, T0), T0)
+    assert settled.get(session, inputs, T0 + timedelta(minutes=9)) is not None
+    assert settled.get(session, inputs, T0 + timedelta(minutes=10)) is None  # "the ban ended": a new message

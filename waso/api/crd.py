@@ -62,6 +62,8 @@ class ResourceDefinition:
     categories: tuple[str, ...]
     columns: tuple[PrinterColumn, ...]
     max_name_length: int | None = None
+    selectable_fields: tuple[str, ...] = ()
+    """JSON paths that field selectors may filter on (``status.shard=2``)."""
 
     @property
     def name(self) -> str:
@@ -95,6 +97,8 @@ SESSION = ResourceDefinition(
     ),
     # The name is used as a label value and in Lease names.
     max_name_length=63,
+    # A runtime watches the sessions of its shard by field selector (no label to write besides the status).
+    selectable_fields=(".status.shard", ".status.phase"),
 )
 
 QUOTA = ResourceDefinition(
@@ -254,6 +258,11 @@ def build_crd(definition: ResourceDefinition) -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [c.to_wire() for c in definition.columns],
+                    **(
+                        {"selectableFields": [{"jsonPath": path} for path in definition.selectable_fields]}
+                        if definition.selectable_fields
+                        else {}
+                    ),
                     "schema": {"openAPIV3Schema": root},
                 }
             ],

@@ -78,3 +78,56 @@ def lifecycle_events(tenant: str, before: Sequence[Condition], after: Sequence[C
         if ready_reason_after == Reason.REPAIR_LOOP:
             add(EventReason.REPAIR_LOOP, ready_message, warning=True)
     return events
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A changed admission decision of one session, to be told by an Event."""
+
+    namespace: str
+    name: str
+    reason: str
+    message: str
+    warning: bool
+
+
+@dataclass(frozen=True)
+class TenantEvent:
+    """One Event for many sessions of a tenant that got the same decision in one pass."""
+
+    namespace: str
+    reason: str
+    message: str
+    warning: bool
+    count: int
+
+
+BURST_REASONS = frozenset({Reason.ADMITTED, Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED})
+"""Decisions that come in bursts (a migration, a restore): told once per tenant and pass, not per session."""
+NAMES_SHOWN = 10
+
+
+def decision_events(decisions: Sequence[Decision]) -> tuple[list[Decision], list[TenantEvent]]:
+    """The Events of one pass's decisions: per session, except where one tenant had several of a burst reason.
+
+    Evictions, resumptions and refusals of another kind stay per session: they are rare, and
+    ``kubectl describe`` of that session is where people look for them."""
+    groups: dict[tuple[str, str], list[Decision]] = {}
+    for decision in decisions:
+        groups.setdefault((decision.namespace, decision.reason), []).append(decision)
+    single: list[Decision] = []
+    bursts: list[TenantEvent] = []
+    for (namespace, reason), group in groups.items():
+        if len(group) == 1 or reason not in BURST_REASONS:
+            single.extend(group)
+            continue
+        names = sorted(d.name for d in group)
+        shown = ", ".join(names[:NAMES_SHOWN]) + (
+            f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+        )
+        first = next(d for d in group if d.name == names[0])
+        message = (
+            f"tenant {namespace}: {reason} for {len(group)} sessions at once: {shown} ({first.name}: {first.message})"
+        )
+        bursts.append(TenantEvent(namespace, reason, message, first.warning, len(group)))
+    return single, bursts

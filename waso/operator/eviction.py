@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from waso.api.base import format_timestamp
-from waso.api.conditions import ConditionType, Reason, find_condition
+from waso.api.conditions import Reason
 from waso.api.session import ACTIVITY_GRANULARITY, EvictionReason, EvictionStatus
 from waso.api.tenancy import MemoryReport
 from waso.operator.admission import ADMITTED, Verdict, plan_admission
@@ -86,7 +86,7 @@ def idle_since(session: SessionFacts) -> datetime:
 
 def is_evicted(session: SessionFacts) -> bool:
     """Parked by an eviction (its Admitted condition says Evicted)."""
-    admitted = find_condition(session.status.conditions, ConditionType.ADMITTED)
+    admitted = session.admitted_condition
     return admitted is not None and admitted.reason == Reason.EVICTED
 
 

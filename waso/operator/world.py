@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
-from waso.api.conditions import ConditionType, find_condition
+from waso.api.conditions import Condition, ConditionType, find_condition
 from waso.api.session import (
     CLEANUP_FINALIZER,
     EVICT_ANNOTATION,
@@ -53,6 +54,13 @@ class SessionFacts:
     """The value of the annotation waso.dev/evict: a person asking to park the session."""
     resume_request: str | None = None
     """The value of the annotation waso.dev/resume: a person asking to bring an evicted session back."""
+    finalizers: tuple[str, ...] = ()
+    """All finalizers on the object, in order (releasing one is a JSON patch at its position)."""
+
+    @cached_property
+    def admitted_condition(self) -> Condition | None:
+        """The observed Admitted condition (looked up once: admission and eviction ask for it many times a pass)."""
+        return find_condition(self.status.conditions, ConditionType.ADMITTED)
 
     @property
     def key(self) -> str:
@@ -95,6 +103,7 @@ def session_facts(body: Mapping[str, Any]) -> SessionFacts:
         deleting=meta.deletion_timestamp is not None,
         deleting_since=meta.deletion_timestamp,
         has_finalizer=CLEANUP_FINALIZER in (meta.finalizers or []),
+        finalizers=tuple(meta.finalizers or ()),
         shard=shard,
         admitted=admitted is not None and admitted.status == "True",
         status=status,

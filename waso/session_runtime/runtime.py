@@ -45,7 +45,7 @@ from waso.api.tenancy import (
     revision,
 )
 from waso.api.webhook import Webhook
-from waso.kube import ApiError, KubeClient
+from waso.kube import ApiError, KubeClient, follow
 from waso.lease_keeper import LeaseKeeper
 from waso.session_runtime import metrics
 from waso.session_runtime.auth import Authorizer
@@ -305,32 +305,22 @@ class Runtime:
     async def _watch(
         self,
         kind: str,
-        selector: str | None,
+        field_selector: str | None,
         on_sync: Callable[[list[dict[str, Any]]], Awaitable[None] | None],
         on_event: Callable[[str, dict[str, Any]], Awaitable[None] | None],
     ) -> None:
-        """List, then watch from the list's resourceVersion; list again after 410 Gone or a failure."""
-        resource_version: str | None = None
-        while True:
-            try:
-                if resource_version is None:
-                    listing = await self.kube.list(kind, self.namespace, selector)
-                    resource_version = listing["metadata"]["resourceVersion"]
-                    await _maybe(on_sync(listing["items"]))
-                events = self.kube.watch(kind, self.namespace, resource_version, selector)
-                async for event, obj in events:
-                    resource_version = obj["metadata"]["resourceVersion"]
-                    if event != "BOOKMARK":
-                        await _maybe(on_event(event, obj))
-            except ApiError as error:
-                resource_version = None
-                if error.status != 410:
-                    log.warning("%s watch failed: %s", kind, error)
-                    await asyncio.sleep(2)
-            except Exception as error:  # anything else too: a watch that ended would never be noticed
-                resource_version = None
-                log.warning("%s watch failed: %s", kind, error)
-                await asyncio.sleep(2)
+        """Every object of ``kind`` in this namespace: a full listing (``on_sync``), then each change."""
+        listing: list[dict[str, Any]] = []
+
+        async def on_page(items: list[dict[str, Any]], first: bool, last: bool) -> None:
+            if first:
+                listing.clear()
+            listing.extend(items)
+            if last:
+                await _maybe(on_sync(list(listing)))
+                listing.clear()
+
+        await follow(self.kube, kind, self.namespace, on_page, on_event, field_selector=field_selector)
 
     # -- events out -------------------------------------------------------------------------
 
@@ -443,7 +433,8 @@ class Runtime:
         if self.store is not None:
             self._spawn(self._prepare_store(), "store")
         self.events.start(self.http)
-        selector = f"{SHARD_LABEL}={self.config.shard_index}"
+        # status.shard is a selectable field of the CRD: the operator's one status write places a session.
+        selector = f"status.shard={self.config.shard_index}"
         self._spawn(self._watch(WhatsAppSession.KIND, selector, self._on_sync, self._on_session), "session-watch")
         self._spawn(self._watch(Webhook.KIND, None, self._on_webhook_sync, self._on_webhook), "webhook-watch")
         self._spawn(self._report_deliveries(), "webhook-status")
