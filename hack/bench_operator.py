@@ -285,13 +285,18 @@ def install_finalizer_policy(kubeconfig: Path, custom: client.CustomObjectsApi) 
         "metadata": {"name": "probe", "namespace": "default"}, "spec": {"phoneNumber": "+4915200000000"},
     }  # fmt: skip
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the API server loads a new policy within a few seconds
-        created = cast(
-            dict[str, Any],
-            custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, probe, dry_run="All"),
-        )
-        if created["metadata"].get("finalizers"):
-            return
+    while time.monotonic() < deadline:  # the API server loads a new policy (and serves a new CRD) within seconds
+        try:
+            created = cast(
+                dict[str, Any],
+                custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, probe, dry_run="All"),
+            )
+        except client.ApiException as error:
+            if error.status != 503:  # 503: the kind is not served yet
+                raise
+        else:
+            if created["metadata"].get("finalizers"):
+                return
         time.sleep(0.5)
     raise SystemExit("the finalizer policy did not take effect within 60 s")
 

@@ -53,11 +53,14 @@ def test_watch_events_update_delete_and_drop_what_stops_being_indexed() -> None:
     informer._event("ADDED", _obj("a", "2", 2))
     informer._event("MODIFIED", _obj("a", "1", 5))
     assert _seen(informer) == {"a": [2, 5]}
+    assert len(changes) == 4  # the listing and three changes
+    informer._event("MODIFIED", _obj("a", "1", 5))  # the object changed, its facts did not: nothing to decide
+    assert len(changes) == 4
     informer._event("MODIFIED", _obj("a", "2", -1))  # its facts say: not one of ours any more
     informer._event("DELETED", _obj("a", "1", 5))
     assert _seen(informer) == {}
     assert "a" not in informer.view
-    assert len(changes) == 5  # the listing, three changes, one deletion; the dropped object woke nothing
+    assert len(changes) == 6
 
 
 def test_namespaces_out_of_scope_are_not_indexed_and_only_waking_facts_wake() -> None:
@@ -70,6 +73,7 @@ def test_namespaces_out_of_scope_are_not_indexed_and_only_waking_facts_wake() ->
     informer._event("MODIFIED", _obj("t-a", "1", 2))
     assert changes == []
     informer._event("MODIFIED", _obj("t-a", "1", 20))
-    informer._event("DELETED", _obj("t-a", "1", 20))
+    informer._event("MODIFIED", _obj("t-a", "1", 5))  # out of the waking state (a pressure that ended)
+    informer._event("DELETED", _obj("t-a", "1", 5))
     assert changes == [1, 1]
     assert _seen(informer) == {}

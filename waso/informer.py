@@ -75,8 +75,12 @@ class Informer(Generic[T]):
             if found is not None and self.wakes(found):
                 self.on_change()
             return
+        namespace, uid = _identity(obj)
+        before = self._index.get(namespace, {}).get(uid)
         current = self._put(self._index, obj)
-        if current is not None and self.wakes(current):
+        # Only a change of the facts, into or out of a state that wakes: a pod's status written by the scheduler
+        # again and again, or a Lease renewed, changes nothing a pass would decide.
+        if current != before and any(facts is not None and self.wakes(facts) for facts in (current, before)):
             self.on_change()
 
     def _put(self, index: dict[str, dict[str, T]], obj: Mapping[str, Any]) -> T | None:

@@ -69,6 +69,8 @@ from waso.tasks import first_of
 
 MANAGER = "waso-operator"
 NO_REPAIRS = RepairStatus()
+MAX_PAUSE = 1.0
+"""Seconds between passes at most, after a long one."""
 REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER_CONFLICT}
 log = logging.getLogger("waso.operator")
 
@@ -218,6 +220,7 @@ class Controller:
             if leadership is not None and not leadership.holds():
                 continue  # deposed while waiting: not one more pass
             await asyncio.sleep(0.02)  # let a burst of watch events land in the indexes first
+            started = asyncio.get_running_loop().time()
             try:
                 with metrics.RECONCILE.time():
                     if leadership is None:
@@ -234,6 +237,9 @@ class Controller:
                 log.exception("reconcile pass failed; retrying")
                 await asyncio.sleep(1)
                 self.poke()
+            # Changes that keep coming (pods of a thousand tenants starting) would otherwise make passes over the
+            # whole cluster back to back: as long a pause as the pass took (at most a second) bounds the cost.
+            await asyncio.sleep(min(MAX_PAUSE, asyncio.get_running_loop().time() - started))
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -291,7 +297,9 @@ class Controller:
         parked: Counter[tuple[str, ...]] = Counter()
         parked_oldest: dict[tuple[str, ...], float] = {}
         timeout = timedelta(seconds=self.config.cleanup_timeout_seconds)
-        for session in sessions:
+        for index, session in enumerate(sessions):
+            if index % 1000 == 999:
+                await asyncio.sleep(0)  # tens of thousands of sessions: let the watches and the election run between
             if session.deleting:
                 release = release_finalizer(session, now, timeout)
                 if release is not None and session.uid not in self.released:

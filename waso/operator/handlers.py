@@ -31,7 +31,7 @@ from waso.operator.config import load_config
 from waso.operator.controller import Controller, own_namespace, utc_now
 from waso.operator.leadership import Leadership, identity
 from waso.operator.resources import IDENTITY_FINALIZER, SELECTOR
-from waso.operator.world import pod_facts, session_facts
+from waso.operator.world import PodFacts, pod_facts, session_facts
 
 NAMESPACES_ENV = "WASO_NAMESPACES"
 MANAGED = "app.kubernetes.io/managed-by=waso-operator"
@@ -51,6 +51,10 @@ def runtime_identity(role: Any) -> bool:
     return IDENTITY_FINALIZER in (role["metadata"].get("finalizers") or [])
 
 
+def out_of_memory(pod: PodFacts) -> bool:
+    return pod.out_of_memory
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In-cluster credentials, else the kubeconfig named by KUBECONFIG at the time of login."""
@@ -66,7 +70,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.controller, memo.kube = controller, kube
 
     def under_pressure(beat: Heartbeat) -> bool:
-        """A heartbeat wakes the operator only under memory pressure (the resync sees the rest)."""
+        """A heartbeat wakes the operator only into or out of memory pressure (the resync sees silent runtimes)."""
         return beat.memory is not None and controller.under_pressure(beat.memory)
 
     poke = controller.poke
@@ -74,6 +78,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     quotas = Informer(kube, TenantQuota.KIND, quota_facts, poke, in_scope=in_scope)
     pod_selector = ",".join(f"{key}={value}" for key, value in SELECTOR.items())
     pods = Informer(kube, "Pod", pod_facts, poke, in_scope=in_scope, label_selector=pod_selector)
+    pods.wakes = out_of_memory  # a pod matters to a decision only while its runtime was OOMKilled
     roles = Informer(kube, "Role", runtime_identity, poke, in_scope=in_scope, label_selector=MANAGED)
     beats = Informer(kube, "Lease", heartbeat, poke, in_scope=in_scope, label_selector=f"{HEARTBEAT_LABEL}=true")
     beats.wakes = under_pressure
@@ -84,8 +89,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     election = config.leader_election
     memo.leadership = None
     if election.enabled:
+        # A client of its own: a renewal must not queue behind a burst of status writes.
+        memo.election_kube = KubeClient.connect(threads=1)
         memo.leadership = Leadership(
-            kube, own_namespace(), election.lease_name, election.lease_seconds, utc_now, identity()
+            memo.election_kube, own_namespace(), election.lease_name, election.lease_seconds, utc_now, identity()
         )
         memo.tasks.append(asyncio.create_task(memo.leadership.run(), name="waso-leader-election"))
 
@@ -111,6 +118,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     if memo.leadership is not None:
         with contextlib.suppress(Exception):  # it runs out by itself
             await memo.leadership.release()
+        memo.election_kube.close()
     if memo.metrics is not None:
         server, _thread = memo.metrics
         server.shutdown()
