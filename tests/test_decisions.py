@@ -24,7 +24,7 @@ from waso.operator.config import OperatorConfig
 from waso.operator.health import device_health
 from waso.operator.placement import assign_shards, replicas_needed
 from waso.operator.resources import RUNTIME_RULES, statefulset, tenant_objects
-from waso.operator.status import desired_status, silent_shards
+from waso.operator.status import desired_status, next_silence, silent_shards
 from waso.operator.world import SessionFacts, pod_facts
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -307,6 +307,11 @@ def test_a_shard_is_silent_once_its_freshest_heartbeat_expired() -> None:
     assert silent_shards([old, fresh, other], T0 + timedelta(seconds=29)) == {("acme", 1): other}
     assert silent_shards([old, fresh, other], T0 + timedelta(seconds=31)) == {("acme", 0): fresh, ("acme", 1): other}
     assert silent_shards([], T0) == {}  # no heartbeat at all: nothing is known to be lost
+    # The operator wakes when the next shard falls silent: shard 0's freshest heartbeat runs out at T0 + 30 s.
+    assert next_silence([old, fresh, other], T0 + timedelta(seconds=29)) == fresh.expires
+    assert fresh.expires == T0 + timedelta(seconds=30)
+    assert next_silence([old, fresh, other], T0 + timedelta(seconds=31)) is None  # all silent already
+    assert next_silence([], T0) is None
 
 
 def test_a_connected_session_whose_runtime_went_silent_is_not_reported_connected() -> None:

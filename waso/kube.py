@@ -10,6 +10,7 @@ Callers see dicts and ``ApiError``; none of them imports the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -260,10 +261,13 @@ class KubeClient:
                 return False
             return True
 
+        opened: list[Any] = []
+
         def pump() -> None:
             response = None
             try:
                 response = self._call("GET", path, query=query, timeout=timeout_seconds + 10, stream=True)
+                opened.append(response)
                 for line in _lines(response):
                     if stop.is_set():
                         break
@@ -292,6 +296,9 @@ class KubeClient:
                 yield item
         finally:
             stop.set()
+            for response in opened:  # a reader that stops does not leave the thread waiting for the next line
+                with contextlib.suppress(Exception):
+                    response.shutdown()
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -338,6 +345,9 @@ def _selectors(label_selector: str | None, field_selector: str | None) -> list[t
     return query + ([("fieldSelector", field_selector)] if field_selector else [])
 
 
+WATCH_SECONDS = 300
+"""How long one watch request of ``follow`` lasts (bookmarks keep its place): 5 minutes, as kopf's and near
+client-go's; each renewal costs the API server a request."""
 PageHandler = Callable[[Items, bool, bool], Awaitable[None] | None]
 """Called with each page of a listing, whether it is the first and whether it is the last."""
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None] | None]
@@ -371,7 +381,9 @@ async def follow(
                     first = False
                 await _maybe(on_page([], first, True))  # the end of the listing (a page of its own)
             assert resource_version is not None
-            events = kube.watch(kind, namespace, resource_version, label_selector, field_selector=field_selector)
+            events = kube.watch(
+                kind, namespace, resource_version, label_selector, WATCH_SECONDS, field_selector=field_selector
+            )
             async for event, obj in events:
                 resource_version = obj["metadata"]["resourceVersion"]
                 if event != "BOOKMARK":

@@ -144,8 +144,8 @@ class OperatorConfig(BaseSettings):
     object per line with the same fields."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Prometheus metrics port of the operator; 0 disables it."""
-    resync_seconds: float = Field(default=30.0, gt=0, le=3600)
-    """Full admission pass at least this often, even without events."""
+    resync_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """A pass at least this often, even without events (a runtime's heartbeat running out wakes one at once)."""
     cleanup_timeout_seconds: float = Field(default=300.0, gt=0, le=86400)
     """How long a deleted session waits for its runtime to unlink the device and erase its credentials."""
     write_concurrency: int = Field(default=16, ge=1, le=256)

@@ -19,10 +19,12 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,6 +61,7 @@ from waso.operator.status import (
     StatusInputs,
     desired_quota_status,
     desired_status,
+    next_silence,
     operator_part,
     silent_shards,
     summary,
@@ -69,6 +72,10 @@ from waso.tasks import first_of
 
 MANAGER = "waso-operator"
 NO_REPAIRS = RepairStatus()
+Write = Callable[[], Awaitable[Any]]
+"""A write a pass decided, made once the pass has decided them all."""
+REVIEWS = "-"
+"""The key of the runtimes' review access among the tenants' workload tasks (no namespace is named so)."""
 MAX_PAUSE = 1.0
 """Seconds between passes at most, after a long one."""
 REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER_CONFLICT}
@@ -146,10 +153,18 @@ class Controller:
         self.released: set[str] = set()
         self.event_namespace = own_namespace()
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._silent: set[tuple[str, int]] = set()
+        """The shards the last pass saw silent."""
         self._background: set[asyncio.Task[None]] = set()
+        self._tenant_work: dict[str, tuple[object, asyncio.Task[None]]] = {}
+        """Per tenant (and REVIEWS): what its workload task in flight applies, and the task."""
+        self._tenant_stale: set[str] = set()
         self._wake = asyncio.Event()
         self._writes = asyncio.Semaphore(config.write_concurrency)
         self.passes = 0
+        self.computing_seconds = 0.0
+        """How long the last pass took to decide, without its writes."""
         self.may_write: Callable[[], bool] = lambda: True
         """Whether this replica still leads, checked before each write (``run`` wires it to the election)."""
         metrics.CAPACITY.set(config.max_sessions)
@@ -202,12 +217,38 @@ class Controller:
             self._retry_timer.cancel()
         self._retry_timer = loop.call_at(due, self._poke_now)
 
+    def _watch_heartbeats(self, beats: list[Heartbeat], now: datetime) -> None:
+        """A pass when the next shard falls silent, not at the next resync; a check of the heartbeats alone until
+        then (a runtime that renews in time, as most do, costs no pass)."""
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
+        at = next_silence(beats, now)
+        if at is not None:
+            delay = (at - now).total_seconds() + 0.1
+            self._heartbeat_timer = asyncio.get_running_loop().call_later(delay, self._check_heartbeats)
+
+    def _check_heartbeats(self) -> None:
+        self._heartbeat_timer = None
+        now = self.clock()
+        beats = [beat for found in list(self.heartbeats.values()) for beat in found]
+        if set(silent_shards(beats, now)) != self._silent:
+            self.poke()
+        else:
+            self._watch_heartbeats(beats, now)
+
     def _poke_now(self) -> None:
         self._retry_timer = None  # fired: the next poke_later schedules again
         self.poke()
 
     async def run(self, leadership: Leadership | None = None) -> None:
         """Passes, on every poke and at least every resync; with ``leadership``, only while leading."""
+        try:
+            await self._passes(leadership)
+        finally:
+            self._stop_tenant_work()
+
+    async def _passes(self, leadership: Leadership | None) -> None:
         if leadership is not None:
             self.may_write = leadership.holds
         while True:
@@ -220,7 +261,6 @@ class Controller:
             if leadership is not None and not leadership.holds():
                 continue  # deposed while waiting: not one more pass
             await asyncio.sleep(0.02)  # let a burst of watch events land in the indexes first
-            started = asyncio.get_running_loop().time()
             try:
                 with metrics.RECONCILE.time():
                     if leadership is None:
@@ -229,22 +269,55 @@ class Controller:
                         await first_of(self.reconcile_once(), leadership.deposed.wait())
                         if leadership.deposed.is_set():
                             log.warning("pass stopped: no longer the leader")
+                            self._stop_tenant_work()
             except asyncio.CancelledError:
                 raise
             except Deposed as stopped:
                 log.warning("pass stopped: %s", stopped)
+                self._stop_tenant_work()
             except Exception:
                 log.exception("reconcile pass failed; retrying")
                 await asyncio.sleep(1)
                 self.poke()
-            # Changes that keep coming (pods of a thousand tenants starting) would otherwise make passes over the
-            # whole cluster back to back: as long a pause as the pass took (at most a second) bounds the cost.
-            await asyncio.sleep(min(MAX_PAUSE, asyncio.get_running_loop().time() - started))
+            # Changes that keep coming (runtimes of a thousand tenants reporting) would otherwise make passes over
+            # the whole cluster back to back: a pause of half the pass's own computing (at most a second) bounds
+            # the cost to two thirds of a core, and adds little to the wait of a new session.
+            await asyncio.sleep(min(MAX_PAUSE, self.computing_seconds / 2))
+
+    def _start_tenant_work(self, key: str, wanted: object, write: Write) -> None:
+        """Apply a tenant's workload (or the review access) beside the passes; one task per tenant at a time."""
+        running = self._tenant_work.get(key)
+        if running is not None:
+            if running[0] != wanted:
+                self._tenant_stale.add(key)  # what it applies is out of date: another pass once it is done
+            return
+        task = asyncio.create_task(self._tenant_task(key, write), name=f"waso-workload-{key}")
+        self._tenant_work[key] = (wanted, task)
+
+    async def _tenant_task(self, key: str, write: Write) -> None:
+        try:
+            await write()
+        except Deposed as stopped:
+            log.warning("workload not applied: %s", stopped, extra=about(key))
+        except Exception:
+            log.exception("workload not applied", extra=about(key))
+            self.poke_later(1)
+        finally:
+            self._tenant_work.pop(key, None)
+            if key in self._tenant_stale:
+                self._tenant_stale.discard(key)
+                self.poke()
+
+    def _stop_tenant_work(self) -> None:
+        """No longer the leader: the workloads in flight stop (the next leader applies what is still wanted)."""
+        for _wanted, task in self._tenant_work.values():
+            task.cancel()
 
     # -- one pass ---------------------------------------------------------------------------
 
     async def reconcile_once(self) -> None:
         self.passes += 1
+        started = time.perf_counter()
         log.debug("pass %d starts", self.passes)
         now = self.clock()
         sessions = [self._effective(f) for facts in list(self.sessions.values()) for f in facts]
@@ -261,6 +334,8 @@ class Controller:
         beats = [beat for found in list(self.heartbeats.values()) for beat in found]
         memory = [beat.memory for beat in beats if beat.memory is not None]
         silent = silent_shards(beats, now)
+        self._silent = set(silent)
+        self._watch_heartbeats(beats, now)
         admitted_now = {s.uid: s.admitted for s in sessions}
         admission = admit(sessions, admitted_now, limits, self.config.max_sessions, self._eviction, now, memory)
         verdicts = admission.verdicts
@@ -278,7 +353,7 @@ class Controller:
         for session in sessions:
             by_tenant[session.namespace].append(session)
         shards: dict[str, int] = {}
-        tenant_writes = []
+        tenant_writes: list[tuple[str, object, Write]] = []
         held = {ns for ns, finalized in list(self.access.items()) if any(finalized)}
         for namespace in namespaces | set(self.applied_tenants) | held | set(self.tenant_retries):
             spec = self._quota_spec(honoured.get(namespace))
@@ -286,29 +361,35 @@ class Controller:
             shards.update(tenant_shards)
             replicas = replicas_needed(tenant_shards, served)
             has_sessions = namespace in namespaces
-            tenant_writes.append(self._ensure_tenant(namespace, spec, replicas, has_sessions, now))
-        tenant_writes.append(self._ensure_reviews(namespaces))
+            wanted = (spec, replicas, has_sessions)
+            if self.applied_tenants.get(namespace) != wanted:
+                tenant_writes.append((namespace, wanted, partial(self._ensure_tenant, namespace, *wanted, now)))
+        if self.applied_reviews != namespaces:
+            tenant_writes.append((REVIEWS, namespaces, partial(self._ensure_reviews, namespaces)))
 
         repairs, repair_plan = self._plan_repairs(sessions, running, honoured, now)
-        session_writes: list[Coroutine[Any, Any, Announcement | None]] = []
+        session_writes: list[Write] = []
         tally: Counter[tuple[str, ...]] = Counter()
         unhealthy: Counter[tuple[str, ...]] = Counter()
         devices: Counter[tuple[str, ...]] = Counter()
         parked: Counter[tuple[str, ...]] = Counter()
         parked_oldest: dict[tuple[str, ...], float] = {}
         timeout = timedelta(seconds=self.config.cleanup_timeout_seconds)
+        yielded = 0.0
         for index, session in enumerate(sessions):
             if index % 1000 == 999:
+                paused = time.perf_counter()
                 await asyncio.sleep(0)  # tens of thousands of sessions: let the watches and the election run between
+                yielded += time.perf_counter() - paused
             if session.deleting:
                 release = release_finalizer(session, now, timeout)
                 if release is not None and session.uid not in self.released:
-                    session_writes.append(self._release(session, release))
+                    session_writes.append(partial(self._release, session, release))
                 elif release is None and session.has_finalizer:
                     # Shown while the runtime erases the credentials; no slot is held meanwhile.
                     shown = desired_status(session, DELETING, session.shard, now, self.config.max_device_id)
                     if shown != operator_part(session.status):
-                        session_writes.append(self._write_session(session, DELETING, shown))
+                        session_writes.append(partial(self._write_session, session, DELETING, shown))
                 continue
             if session.uid not in verdicts:
                 continue
@@ -339,13 +420,13 @@ class Controller:
             if desired is None:
                 continue
             if desired != operator_part(session.status) or shard != session.shard or wants_finalizer(session, shard):
-                session_writes.append(self._write_session(session, verdicts[session.uid], desired))
+                session_writes.append(partial(self._write_session, session, verdicts[session.uid], desired))
             else:
                 self.settled.put(session, inputs, desired, now)
 
         used = Counter(s.namespace for s in sessions if running.get(s.uid))
-        quota_writes = [
-            self._write_quota(q, honoured[ns], used[ns], now) for ns, qs in quotas_by_ns.items() for q in qs
+        quota_writes: list[Write] = [
+            partial(self._write_quota, q, honoured[ns], used[ns], now) for ns, qs in quotas_by_ns.items() for q in qs
         ]
         metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, published before it is written
         metrics.publish(metrics.HEALTH_FAILURES, unhealthy)
@@ -353,11 +434,13 @@ class Controller:
         metrics.publish(metrics.PARKED, parked)
         metrics.publish(metrics.PARKED_AGE, parked_oldest)
         metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
-        # Decisions first: session and quota statuses are what people and tools wait on (`kubectl wait`), and
-        # a burst of new tenants would otherwise queue them behind every tenant's workload objects. Then the
-        # workloads. A pass always waits for all its writes, so the next one never races a write still in flight.
-        results = await asyncio.gather(*session_writes, *quota_writes, return_exceptions=True)
-        results += await asyncio.gather(*tenant_writes, return_exceptions=True)
+        # Decisions first: session and quota statuses are what people and tools wait on (`kubectl wait`). A pass
+        # waits for them, so the next one never races a status write still in flight. Tenant workloads (seven
+        # objects each; a thousand new tenants take a minute) are applied beside the passes, one task per tenant.
+        self.computing_seconds = time.perf_counter() - started - yielded
+        results = await asyncio.gather(*(write() for write in session_writes + quota_writes), return_exceptions=True)
+        for key, target, write in tenant_writes:
+            self._start_tenant_work(key, target, write)
         self._record_decisions([r for r in results if isinstance(r, Announcement)])
         for failure in (r for r in results if isinstance(r, BaseException)):
             if isinstance(failure, asyncio.CancelledError):
@@ -402,6 +485,12 @@ class Controller:
             if current != before:
                 changed[session.uid] = current
             health = device_health(session.runtime, self.config.max_device_id)
+            # Until the cleared request is stored, its slot is still taken: writes of one pass
+            # land in any order, and the API must never show more than the limit.
+            in_flight = before.requested is not None or current.requested is not None
+            manual = pending_request(session.repair_request, current)
+            if health.healthy is not False and not in_flight and manual is None:
+                continue  # nothing to plan for it (most sessions): no candidate to build
             unhealthy = find_condition(session.status.conditions, ConditionType.DEVICE_HEALTHY)
             candidates.append(
                 RepairCandidate(
@@ -410,12 +499,10 @@ class Controller:
                     name=session.name,
                     health=health.reason if health.healthy is False else None,
                     tenant_auto_repair=self._quota_spec(honoured.get(session.namespace)).auto_repair,
-                    # Until the cleared request is stored, its slot is still taken: writes of one pass
-                    # land in any order, and the API must never show more than the limit.
-                    in_flight=before.requested is not None or current.requested is not None,
+                    in_flight=in_flight,
                     repair_starts=current.starts or (),
                     acted_at=current.acted_at,
-                    manual_request=pending_request(session.repair_request, current),
+                    manual_request=manual,
                     needed_since=unhealthy.last_transition_time if unhealthy and unhealthy.status == "False" else None,
                 )
             )

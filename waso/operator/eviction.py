@@ -316,6 +316,9 @@ def admit(
         uid = session.uid
         if uid not in verdicts:
             continue  # being deleted
+        concerned = uid in asked.evict or uid in asked.resume or uid in victims or uid in held
+        if not concerned and not is_evicted(session):
+            continue  # neither asked about, nor parked, nor evicted now (most sessions): nothing to record
         before = session.status.eviction or EvictionStatus()
         record = records.get(uid) or Evicted(before, session.status.evicted_at)
         if uid in asked.evict:

@@ -1,6 +1,6 @@
 """Leader election: of several operator replicas, only the holder of one Lease decides and writes.
 
-Every replica watches and keeps its kopf indexes filled, so a standby that takes over
+Every replica watches and keeps its informers' indexes filled, so a standby that takes over
 decides from the whole cluster at once. The leader renews every third of the lease;
 it stops deciding (its pass in flight is cancelled) once it could not renew for
 ``duration - margin`` (``waso.leases.still_held``), before any standby may take over
@@ -79,7 +79,12 @@ class Leadership:
                 self.leading.set()
                 metrics.LEADER.set(1)
             self._check()
-            pause = self.duration / 3 if self.leading.is_set() else self.keeper.retry_after(self.lease)
+            if not self.leading.is_set():
+                pause = self.keeper.retry_after(self.lease)
+            elif renewed is None:
+                pause = 1.0  # a renewal failed: again soon, the deadline is nearer than a third of the lease
+            else:  # a third of the lease after the renewal began, however long the API server took to answer
+                pause = max(0.0, self.duration / 3 - (self.clock() - renewed).total_seconds())
             await asyncio.sleep(pause)
 
     def _check(self) -> None:

@@ -60,16 +60,25 @@ def out_of_memory_message(pod: PodFacts) -> str:
 _LIVE_STATES = frozenset({RuntimeState.CONNECTED, RuntimeState.CONNECTING, RuntimeState.AWAITING_PAIRING})
 
 
-def silent_shards(heartbeats: Iterable[Heartbeat], now: datetime) -> dict[tuple[str, int], Heartbeat]:
-    """The shards whose runtime stopped renewing its heartbeat, by (namespace, shard): its freshest Lease expired.
-
-    A shard with no heartbeat at all is not here: that runtime never said it was alive (or predates heartbeats)."""
+def _freshest(heartbeats: Iterable[Heartbeat]) -> dict[tuple[str, int], Heartbeat]:
     freshest: dict[tuple[str, int], Heartbeat] = {}
     for beat in heartbeats:
         key = (beat.namespace, beat.shard)
         if key not in freshest or beat.renewed > freshest[key].renewed:
             freshest[key] = beat
-    return {key: beat for key, beat in freshest.items() if beat.expires < now}
+    return freshest
+
+
+def silent_shards(heartbeats: Iterable[Heartbeat], now: datetime) -> dict[tuple[str, int], Heartbeat]:
+    """The shards whose runtime stopped renewing its heartbeat, by (namespace, shard): its freshest Lease expired.
+
+    A shard with no heartbeat at all is not here: that runtime never said it was alive (or predates heartbeats)."""
+    return {key: beat for key, beat in _freshest(heartbeats).items() if beat.expires < now}
+
+
+def next_silence(heartbeats: Iterable[Heartbeat], now: datetime) -> datetime | None:
+    """When the next shard falls silent unless its runtime renews its heartbeat before (None: no live shard)."""
+    return min((beat.expires for beat in _freshest(heartbeats).values() if beat.expires >= now), default=None)
 
 
 def heartbeat_lost_message(beat: Heartbeat, runtime: RuntimeStatus) -> str:
