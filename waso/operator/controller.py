@@ -162,6 +162,8 @@ class Controller:
         self._tenant_stale: set[str] = set()
         self._wake = asyncio.Event()
         self._writes = asyncio.Semaphore(config.write_concurrency)
+        self._workloads = asyncio.Semaphore(max(1, config.write_concurrency // 4))
+        """Tenants whose workload is applied at once: a thousand new tenants must not hold back a decision."""
         self.passes = 0
         self.computing_seconds = 0.0
         """How long the last pass took to decide, without its writes."""
@@ -296,7 +298,8 @@ class Controller:
 
     async def _tenant_task(self, key: str, write: Write) -> None:
         try:
-            await write()
+            async with self._workloads:  # a few at once: status writes keep most of the write slots
+                await write()
         except Deposed as stopped:
             log.warning("workload not applied: %s", stopped, extra=about(key))
         except Exception:
