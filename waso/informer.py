@@ -67,17 +67,11 @@ class Informer(Generic[T]):
             self.on_change()
 
     def _event(self, kind: str, obj: dict[str, Any]) -> None:
-        if kind == "DELETED":
-            namespace, uid = _identity(obj)
-            found = self._index.get(namespace, {}).pop(uid, None)
-            if found is not None and not self._index[namespace]:
-                del self._index[namespace]
-            if found is not None and self.wakes(found):
-                self.on_change()
-            return
         namespace, uid = _identity(obj)
         before = self._index.get(namespace, {}).get(uid)
-        current = self._put(self._index, obj)
+        if kind == "DELETED":
+            _drop(self._index, namespace, uid)
+        current = None if kind == "DELETED" else self._put(self._index, obj)
         # Only a change of the facts, into or out of a state that wakes: a pod's status written by the scheduler
         # again and again, or a Lease renewed, changes nothing a pass would decide.
         if current != before and any(facts is not None and self.wakes(facts) for facts in (current, before)):
@@ -89,12 +83,17 @@ class Informer(Generic[T]):
             return None
         current = self.facts(obj)
         if current is None:  # not one this index keeps (any more)
-            objects = index.get(namespace)
-            if objects is not None and objects.pop(uid, None) is not None and not objects:
-                del index[namespace]
+            _drop(index, namespace, uid)
             return None
         index.setdefault(namespace, {})[uid] = current
         return current
+
+
+def _drop(index: dict[str, dict[str, T]], namespace: str, uid: str) -> None:
+    """Forget an object, and its namespace once it holds no other."""
+    objects = index.get(namespace)
+    if objects is not None and objects.pop(uid, None) is not None and not objects:
+        del index[namespace]
 
 
 def _identity(obj: Mapping[str, Any]) -> tuple[str, str]:

@@ -70,18 +70,20 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.controller, memo.kube = controller, kube
 
     def under_pressure(beat: Heartbeat) -> bool:
-        """A heartbeat wakes the operator only into or out of memory pressure (the resync sees silent runtimes)."""
+        """A heartbeat wakes the operator only into or out of memory pressure (a silent one: the heartbeat timer)."""
         return beat.memory is not None and controller.under_pressure(beat.memory)
 
     poke = controller.poke
     sessions = Informer(kube, WhatsAppSession.KIND, session_facts, poke, in_scope=in_scope)
     quotas = Informer(kube, TenantQuota.KIND, quota_facts, poke, in_scope=in_scope)
     pod_selector = ",".join(f"{key}={value}" for key, value in SELECTOR.items())
-    pods = Informer(kube, "Pod", pod_facts, poke, in_scope=in_scope, label_selector=pod_selector)
-    pods.wakes = out_of_memory  # a pod matters to a decision only while its runtime was OOMKilled
+    # A pod matters to a decision only while its runtime was OOMKilled.
+    pods = Informer(kube, "Pod", pod_facts, poke, in_scope=in_scope, label_selector=pod_selector, wakes=out_of_memory)
     roles = Informer(kube, "Role", runtime_identity, poke, in_scope=in_scope, label_selector=MANAGED)
-    beats = Informer(kube, "Lease", heartbeat, poke, in_scope=in_scope, label_selector=f"{HEARTBEAT_LABEL}=true")
-    beats.wakes = under_pressure
+    beat_selector = f"{HEARTBEAT_LABEL}=true"
+    beats = Informer(
+        kube, "Lease", heartbeat, poke, in_scope=in_scope, label_selector=beat_selector, wakes=under_pressure
+    )
     informers: list[Informer[Any]] = [sessions, quotas, pods, roles, beats]
     memo.tasks = [asyncio.create_task(i.run(), name=f"waso-informer-{i.kind}") for i in informers]
     controller.attach(sessions.view, quotas.view, pods.view, roles.view, beats.view)
