@@ -187,7 +187,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         operator_cpu = _cpu_seconds(operator.pid)
         writes = api_requests(kubeconfig, WRITE_VERBS) - writes_before
         if last and decided == total:
-            latencies = measure_latency(custom, core)
+            latencies = measure_latency(custom, core, progress)
             steady = measure_steady_state(kubeconfig, operator)
             failovers = measure_failovers(custom, operator, start_operator, tmp)
     finally:
@@ -236,6 +236,8 @@ class Progress:
         self.custom = client.CustomObjectsApi(api)
         listing = cast(dict[str, Any], self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))
         self.decided = {o["metadata"]["uid"] for o in listing["items"] if _decided_and_placed(o)}
+        self.decided_at: dict[str, float] = {}
+        """When the watch delivered each session's decision (monotonic), for those decided after construction."""
         self.last_change = time.monotonic()
         self.changed = threading.Event()
         self._stopped = False
@@ -256,7 +258,7 @@ class Progress:
                 uid = obj["metadata"]["uid"]
                 if event["type"] != "DELETED" and _decided_and_placed(obj) and uid not in self.decided:
                     self.decided.add(uid)
-                    self.last_change = time.monotonic()
+                    self.last_change = self.decided_at[uid] = time.monotonic()
                     self.changed.set()
 
     def count(self) -> int:
@@ -321,8 +323,9 @@ def api_requests(kubeconfig: Path, verbs: tuple[str, ...]) -> int:
     return int(total)
 
 
-def measure_latency(custom: client.CustomObjectsApi, core: client.CoreV1Api) -> list[float]:
-    """New sessions, one at a time, each in a namespace of its own (quota room): create → Admitted=True."""
+def measure_latency(custom: client.CustomObjectsApi, core: client.CoreV1Api, progress: Progress) -> list[float]:
+    """New sessions, one at a time, each in a namespace of its own (quota room): create → Admitted=True and placed,
+    as a watch delivers it (what `kubectl wait` sees; polling every few ms would load the API server instead)."""
     latencies = []
     for i in range(LATENCY_PROBES):
         namespace = f"latency-{i:03d}"
@@ -332,14 +335,12 @@ def measure_latency(custom: client.CustomObjectsApi, core: client.CoreV1Api) -> 
             "metadata": {"name": "probe", "namespace": namespace}, "spec": {"phoneNumber": f"+4915288{i:06d}"},
         }  # fmt: skip
         started = time.monotonic()
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-        while time.monotonic() - started < 60:
-            obj = cast(dict[str, Any], custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "probe"))
-            conditions = obj.get("status", {}).get("conditions", [])
-            if any(c["type"] == "Admitted" and c["status"] == "True" for c in conditions):
-                break
-            time.sleep(0.01)
-        latencies.append(time.monotonic() - started)
+        created = cast(dict[str, Any], custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body))
+        uid = created["metadata"]["uid"]
+        while uid not in progress.decided_at and time.monotonic() - started < 60:
+            progress.changed.wait(0.5)
+            progress.changed.clear()
+        latencies.append(progress.decided_at.get(uid, time.monotonic()) - started)
     return latencies
 
 

@@ -77,3 +77,17 @@ def test_namespaces_out_of_scope_are_not_indexed_and_only_waking_facts_wake() ->
     informer._event("DELETED", _obj("t-a", "1", 5))
     assert changes == [1, 1]
     assert _seen(informer) == {}
+
+
+def test_the_consumers_own_write_coming_back_wakes_nothing() -> None:
+    changes: list[int] = []
+    own = {7}  # the values the consumer wrote itself
+    informer = _informer(changes, echo=lambda v: v in own)
+    informer._page([_obj("a", "1", 1)], True, True)
+    changes.clear()
+    informer._event("MODIFIED", _obj("a", "1", 7))
+    assert changes == []
+    assert _seen(informer) == {"a": [7]}  # indexed all the same
+    informer._event("MODIFIED", _obj("a", "1", 8))  # anyone else's change wakes
+    informer._event("DELETED", _obj("a", "1", 8))
+    assert changes == [1, 1]

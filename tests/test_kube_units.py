@@ -68,3 +68,36 @@ def test_a_write_is_pending_until_the_watch_delivers_its_revision() -> None:
     assert writer.pending("acme", "s1", 11) is None  # delivered: the record is dropped
     assert writer.current("acme", "s1", {"phase": "Waiting"}, 11) == {"phase": "Waiting"}
     assert writer.pending("acme", "s1", 10) is None  # and stays dropped
+
+
+class _HeldApplies(_Applies):
+    """Applies that wait until released: a write in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def apply(self, body: dict[str, object], manager: str, subresource: str | None = None) -> dict[str, object]:
+        await self.release.wait()
+        return await super().apply(body, manager, subresource)
+
+
+def test_a_writer_tells_its_own_write_coming_back_from_anyone_elses_change() -> None:
+    async def scenario() -> None:
+        kube = _HeldApplies()
+        writer = StatusWriter(kube, "WhatsAppSession", "waso-operator")  # type: ignore[arg-type]
+        assert writer.own("acme", "s1", 10) is False  # never written by it
+        write = asyncio.create_task(writer.write("acme", "s1", {"phase": "Waiting"}, {"phase": "Pending"}, 10))
+        for _ in range(100):  # the task starts at the loop's next turn and waits in apply()
+            if writer.own("acme", "s1", 11) is None:
+                break
+            await asyncio.sleep(0)
+        assert writer.own("acme", "s1", 11) is None  # in flight: not known yet
+        kube.release.set()  # the revision is known once the API server answered
+        assert (await write).resource_version == 11
+        assert writer.pending("acme", "s1", 10) == {"phase": "Waiting"}
+        assert writer.own("acme", "s1", 12) is False  # a later change by someone else
+        assert writer.own("acme", "s1", 11) is True
+        assert writer.pending("acme", "s1", 10) is None  # came back: the observed object holds it now
+
+    asyncio.run(scenario())

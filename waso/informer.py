@@ -34,6 +34,7 @@ class Informer(Generic[T]):
         in_scope: Callable[[str], bool] = lambda _: True,
         label_selector: str | None = None,
         wakes: Callable[[T], bool] = lambda _: True,
+        echo: Callable[[T], bool] = lambda _: False,
     ) -> None:
         self.kube = kube
         self.kind = kind
@@ -42,6 +43,8 @@ class Informer(Generic[T]):
         self.in_scope = in_scope
         self.label_selector = label_selector
         self.wakes = wakes
+        self.echo = echo
+        """Whether changed facts are the consumer's own write coming back: it knows them already, no wake-up."""
         self.synced = asyncio.Event()
         self._index: dict[str, dict[str, T]] = {}
         self._listing: dict[str, dict[str, T]] = {}
@@ -74,7 +77,9 @@ class Informer(Generic[T]):
         current = None if kind == "DELETED" else self._put(self._index, obj)
         # Only a change of the facts, into or out of a state that wakes: a pod's status written by the scheduler
         # again and again, or a Lease renewed, changes nothing a pass would decide.
-        if current != before and any(facts is not None and self.wakes(facts) for facts in (current, before)):
+        if current == before or not any(facts is not None and self.wakes(facts) for facts in (current, before)):
+            return
+        if current is None or not self.echo(current):
             self.on_change()
 
     def _put(self, index: dict[str, dict[str, T]], obj: Mapping[str, Any]) -> T | None:

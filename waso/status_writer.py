@@ -65,6 +65,7 @@ class StatusWriter:
         self.on_write = on_write
         self.writes = 0
         self._written: dict[tuple[str, str], _Write] = {}
+        self._in_flight: set[tuple[str, str]] = set()
 
     def current(self, namespace: str, name: str, observed: Wire | None, observed_revision: int) -> Wire | None:
         """What the server holds of this writer's part: its own newer write, else the observed part."""
@@ -85,6 +86,19 @@ class StatusWriter:
         del self._written[key]
         return None
 
+    def own(self, namespace: str, name: str, observed_revision: int) -> bool | None:
+        """Whether an observed revision is this writer's last write coming back through the watch; None while a
+        write of the object is in flight (its revision is not known before the API server's answer). Once it
+        came back, the record of the write is dropped: the observed object holds it."""
+        key = (namespace, name)
+        if key in self._in_flight:
+            return None
+        written = self._written.get(key)
+        if written is None or written.resource_version != observed_revision:
+            return False
+        del self._written[key]
+        return True
+
     async def write(
         self, namespace: str, name: str, desired: Wire, observed: Wire | None, observed_revision: int
     ) -> Result:
@@ -93,6 +107,7 @@ class StatusWriter:
             return Result(Outcome.UNCHANGED)
         body = reference(self.kind, namespace, name)
         body["status"] = {self.field: desired} if self.field else desired
+        self._in_flight.add((namespace, name))
         try:
             result = await self.kube.apply(body, self.manager, "status")
         except ApiError as error:
@@ -105,6 +120,8 @@ class StatusWriter:
             self.forget(namespace, name)
             log.warning("status of %s %s/%s not written: %s", self.kind, namespace, name, error)
             return Result(Outcome.FAILED)
+        finally:
+            self._in_flight.discard((namespace, name))
         written = revision(result["metadata"].get("resourceVersion"))
         self._written[(namespace, name)] = _Write(desired, written)
         self.writes += 1

@@ -54,13 +54,15 @@ def plan_admission(
     live = [s for s in sessions if not s.deleting]
     verdicts: dict[str, Verdict] = {}
 
+    # Only numbers claimed more than once need an owner picked (one sort of them, not of every session).
+    claims = Counter(s.phone_number for s in live)
     owners: dict[str, SessionFacts] = {}
-    for session in sorted(live, key=lambda s: s.age_order):
+    for session in sorted((s for s in live if claims[s.phone_number] > 1), key=lambda s: s.age_order):
         owners.setdefault(session.phone_number, session)
 
     contenders: list[SessionFacts] = []
     for session in live:
-        owner = owners[session.phone_number]
+        owner = owners.get(session.phone_number, session)
         if owner.uid != session.uid:
             where = owner.name if owner.namespace == session.namespace else "another tenant"
             verdicts[session.uid] = Verdict(

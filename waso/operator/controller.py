@@ -68,7 +68,7 @@ from waso.operator.status import (
 )
 from waso.operator.world import PodFacts, SessionFacts
 from waso.status_writer import Outcome, StatusWriter
-from waso.tasks import first_of
+from waso.tasks import Bounded, first_of
 
 MANAGER = "waso-operator"
 NO_REPAIRS = RepairStatus()
@@ -76,6 +76,8 @@ Write = Callable[[], Awaitable[Any]]
 """A write a pass decided, made once the pass has decided them all."""
 REVIEWS = "-"
 """The key of the runtimes' review access among the tenants' workload tasks (no namespace is named so)."""
+WRITES_AHEAD = 4
+"""Writes a pass has decided and not yet made, per write slot: each holds its desired status until written."""
 MAX_PAUSE = 1.0
 """Seconds between passes at most, after a long one."""
 REFUSALS = {Reason.CAPACITY_EXCEEDED, Reason.QUOTA_EXCEEDED, Reason.PHONE_NUMBER_CONFLICT}
@@ -151,10 +153,14 @@ class Controller:
         self.applied_reviews: set[str] | None = None
         self.tenant_retries: dict[str, Retry] = {}
         self.released: set[str] = set()
+        self._quiet_repairs: dict[str, SessionFacts] = {}
+        """Running sessions whose facts (this very object) called for no repair and changed none at the last pass."""
         self.event_namespace = own_namespace()
         self._retry_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._silent: set[tuple[str, int]] = set()
+        self._unconfirmed: list[tuple[StatusWriter, str, str, int]] = []
+        """Changes observed while this process's status write of the same object was in flight."""
         """The shards the last pass saw silent."""
         self._background: set[asyncio.Task[None]] = set()
         self._tenant_work: dict[str, tuple[object, asyncio.Task[None]]] = {}
@@ -200,6 +206,22 @@ class Controller:
 
     def poke(self) -> None:
         self._wake.set()
+
+    def own_session_write(self, session: SessionFacts) -> bool:
+        """Whether a session's change is this process's own status write coming back through the watch: the pass
+        that wrote it decided on it already, so it wakes no pass (half the passes of a burst, and a new session
+        no longer waits behind the pass its predecessor's write set off)."""
+        return self._own_write(self.session_status, session.namespace, session.name, session.resource_version)
+
+    def own_quota_write(self, quota: QuotaFacts) -> bool:
+        return self._own_write(self.quota_status, quota.namespace, quota.name, quota.resource_version)
+
+    def _own_write(self, writer: StatusWriter, namespace: str, name: str, resource_version: int) -> bool:
+        own = writer.own(namespace, name, resource_version)
+        if own is None:  # the watch was faster than the write's answer: decided once the pass's writes are done
+            self._unconfirmed.append((writer, namespace, name, resource_version))
+            return True
+        return own
 
     @contextlib.asynccontextmanager
     async def _write_slot(self) -> AsyncIterator[None]:
@@ -320,7 +342,7 @@ class Controller:
 
     async def reconcile_once(self) -> None:
         self.passes += 1
-        started = time.perf_counter()
+        started = time.thread_time()
         log.debug("pass %d starts", self.passes)
         now = self.clock()
         sessions = [self._effective(f) for facts in list(self.sessions.values()) for f in facts]
@@ -371,77 +393,83 @@ class Controller:
             tenant_writes.append((REVIEWS, namespaces, partial(self._ensure_reviews, namespaces)))
 
         repairs, repair_plan = self._plan_repairs(sessions, running, honoured, now)
-        session_writes: list[Write] = []
-        tally: Counter[tuple[str, ...]] = Counter()
-        unhealthy: Counter[tuple[str, ...]] = Counter()
-        devices: Counter[tuple[str, ...]] = Counter()
-        parked: Counter[tuple[str, ...]] = Counter()
-        parked_oldest: dict[tuple[str, ...], float] = {}
-        timeout = timedelta(seconds=self.config.cleanup_timeout_seconds)
-        yielded = 0.0
-        for index, session in enumerate(sessions):
-            if index % 1000 == 999:
-                paused = time.perf_counter()
-                await asyncio.sleep(0)  # tens of thousands of sessions: let the watches and the election run between
-                yielded += time.perf_counter() - paused
-            if session.deleting:
-                release = release_finalizer(session, now, timeout)
-                if release is not None and session.uid not in self.released:
-                    session_writes.append(partial(self._release, session, release))
-                elif release is None and session.has_finalizer:
-                    # Shown while the runtime erases the credentials; no slot is held meanwhile.
-                    shown = desired_status(session, DELETING, session.shard, now, self.config.max_device_id)
-                    if shown != operator_part(session.status):
-                        session_writes.append(partial(self._write_session, session, DELETING, shown))
-                continue
-            if session.uid not in verdicts:
-                continue
-            shard = shards.get(session.uid)
-            inputs = StatusInputs(
-                verdicts[session.uid],
-                shard,
-                pods.get((session.namespace, shard)) if shard is not None else None,
-                repairs.get(session.uid),
-                repair_plan.stalled.get(session.uid),
-                repair_plan.waiting.get(session.uid),
-                admission.records.get(session.uid),
-                silent.get((session.namespace, shard)) if shard is not None else None,
-            )
-            settled = self.settled.get(session, inputs, now)
-            desired = None if settled is not None else self._desired(session, inputs, now)
-            seen = settled or summary(cast(WhatsAppSessionStatus, desired))
-            tally[(session.namespace, seen.phase)] += 1
-            if seen.unhealthy is not None:
-                unhealthy[(session.namespace, seen.unhealthy)] += 1
-            runtime = session.runtime
-            if runtime is not None and runtime.state == RuntimeState.CONNECTED and runtime.device_id is not None:
-                devices[(metrics.device_range(runtime.device_id),)] += 1
-            if seen.parked_since is not None:
-                parked[(session.namespace, verdicts[session.uid].reason.value)] += 1
-                age = (now - seen.parked_since).total_seconds()
-                parked_oldest[(session.namespace,)] = max(parked_oldest.get((session.namespace,), 0.0), age)
-            if desired is None:
-                continue
-            if desired != operator_part(session.status) or shard != session.shard or wants_finalizer(session, shard):
-                session_writes.append(partial(self._write_session, session, verdicts[session.uid], desired))
-            else:
-                self.settled.put(session, inputs, desired, now)
-
-        used = Counter(s.namespace for s in sessions if running.get(s.uid))
-        quota_writes: list[Write] = [
-            partial(self._write_quota, q, honoured[ns], used[ns], now) for ns, qs in quotas_by_ns.items() for q in qs
-        ]
-        metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, published before it is written
-        metrics.publish(metrics.HEALTH_FAILURES, unhealthy)
-        metrics.publish(metrics.DEVICE_NUMBERS, devices)
-        metrics.publish(metrics.PARKED, parked)
-        metrics.publish(metrics.PARKED_AGE, parked_oldest)
-        metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
         # Decisions first: session and quota statuses are what people and tools wait on (`kubectl wait`). A pass
         # waits for them, so the next one never races a status write still in flight. Tenant workloads (seven
         # objects each; a thousand new tenants take a minute) are applied beside the passes, one task per tenant.
-        self.computing_seconds = time.perf_counter() - started - yielded
-        results = await asyncio.gather(*(write() for write in session_writes + quota_writes), return_exceptions=True)
+        async with Bounded(WRITES_AHEAD * self.config.write_concurrency) as writes:
+            tally: Counter[tuple[str, ...]] = Counter()
+            unhealthy: Counter[tuple[str, ...]] = Counter()
+            devices: Counter[tuple[str, ...]] = Counter()
+            parked: Counter[tuple[str, ...]] = Counter()
+            parked_oldest: dict[tuple[str, ...], float] = {}
+            timeout = timedelta(seconds=self.config.cleanup_timeout_seconds)
+            for index, session in enumerate(sessions):
+                if index % 1000 == 999:
+                    await asyncio.sleep(
+                        0
+                    )  # tens of thousands of sessions: let the watches and the election run between
+                if session.deleting:
+                    release = release_finalizer(session, now, timeout)
+                    if release is not None and session.uid not in self.released:
+                        await writes.start(partial(self._release, session, release))
+                    elif release is None and session.has_finalizer:
+                        # Shown while the runtime erases the credentials; no slot is held meanwhile.
+                        shown = desired_status(session, DELETING, session.shard, now, self.config.max_device_id)
+                        if shown != operator_part(session.status):
+                            await writes.start(partial(self._write_session, session, DELETING, shown))
+                    continue
+                if session.uid not in verdicts:
+                    continue
+                shard = shards.get(session.uid)
+                inputs = StatusInputs(
+                    verdicts[session.uid],
+                    shard,
+                    pods.get((session.namespace, shard)) if shard is not None else None,
+                    repairs.get(session.uid),
+                    repair_plan.stalled.get(session.uid),
+                    repair_plan.waiting.get(session.uid),
+                    admission.records.get(session.uid),
+                    silent.get((session.namespace, shard)) if shard is not None else None,
+                )
+                settled = self.settled.get(session, inputs, now)
+                desired = None if settled is not None else self._desired(session, inputs, now)
+                seen = settled or summary(cast(WhatsAppSessionStatus, desired))
+                tally[(session.namespace, seen.phase)] += 1
+                if seen.unhealthy is not None:
+                    unhealthy[(session.namespace, seen.unhealthy)] += 1
+                runtime = session.runtime
+                if runtime is not None and runtime.state == RuntimeState.CONNECTED and runtime.device_id is not None:
+                    devices[(metrics.device_range(runtime.device_id),)] += 1
+                if seen.parked_since is not None:
+                    parked[(session.namespace, verdicts[session.uid].reason.value)] += 1
+                    age = (now - seen.parked_since).total_seconds()
+                    parked_oldest[(session.namespace,)] = max(parked_oldest.get((session.namespace,), 0.0), age)
+                if desired is None:
+                    continue
+                if (
+                    desired != operator_part(session.status)
+                    or shard != session.shard
+                    or wants_finalizer(session, shard)
+                ):
+                    await writes.start(partial(self._write_session, session, verdicts[session.uid], desired))
+                else:
+                    self.settled.put(session, inputs, desired, now)
+
+            used = Counter(s.namespace for s in sessions if running.get(s.uid))
+            for ns, found in quotas_by_ns.items():
+                for quota in found:
+                    await writes.start(partial(self._write_quota, quota, honoured[ns], used[ns], now))
+            metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, published before it is written
+            metrics.publish(metrics.HEALTH_FAILURES, unhealthy)
+            metrics.publish(metrics.DEVICE_NUMBERS, devices)
+            metrics.publish(metrics.PARKED, parked)
+            metrics.publish(metrics.PARKED_AGE, parked_oldest)
+            metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
+            self.computing_seconds = time.thread_time() - started  # this thread's: not the writes' waiting
+        results = writes.results
+        unconfirmed, self._unconfirmed = self._unconfirmed, []
+        if not all(writer.own(namespace, name, revision) for writer, namespace, name, revision in unconfirmed):
+            self.poke()  # someone else changed an object while this pass wrote it
         for key, target, write in tenant_writes:
             self._start_tenant_work(key, target, write)
         self._record_decisions([r for r in results if isinstance(r, Announcement)])
@@ -454,7 +482,7 @@ class Controller:
             "pass %d: %d sessions, %d session writes, %d tenants",
             self.passes,
             len(sessions),
-            len(session_writes),
+            writes.started,
             len(tenant_writes),
         )
 
@@ -477,8 +505,12 @@ class Controller:
         )
         changed: dict[str, RepairStatus] = {}
         candidates = []
+        quiet, self._quiet_repairs = self._quiet_repairs, {}
         for session in sessions:
             if session.deleting or not running.get(session.uid):
+                continue
+            if quiet.get(session.uid) is session:  # the same facts as last pass, and nothing to plan for them then
+                self._quiet_repairs[session.uid] = session
                 continue
             before = session.status.repairs or NO_REPAIRS
             current = settle(before, session.runtime, policy)
@@ -493,6 +525,8 @@ class Controller:
             in_flight = before.requested is not None or current.requested is not None
             manual = pending_request(session.repair_request, current)
             if health.healthy is not False and not in_flight and manual is None:
+                if current == before:
+                    self._quiet_repairs[session.uid] = session
                 continue  # nothing to plan for it (most sessions): no candidate to build
             unhealthy = find_condition(session.status.conditions, ConditionType.DEVICE_HEALTHY)
             candidates.append(

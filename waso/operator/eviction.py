@@ -99,6 +99,8 @@ def requests(sessions: Iterable[SessionFacts]) -> Requests:
     evict: dict[str, str] = {}
     resume: dict[str, str] = {}
     for session in sessions:
+        if session.evict_request is None and session.resume_request is None:
+            continue  # nothing asked (most sessions)
         handled = session.status.eviction or EvictionStatus()
         if token := pending(session.evict_request, handled.handled_evict):
             evict[session.uid] = token
@@ -138,6 +140,11 @@ def plan_evictions(
     if not policy.enabled:
         return ()
     live = [s for s in sessions if not s.deleting and s.uid in verdicts]
+    waiting = sorted(
+        (s for s in live if verdicts[s.uid].reason in PRESSURE and s.uid in may_claim), key=lambda s: s.queue_order
+    )
+    if not waiting:
+        return ()  # nobody waits for a slot (the usual pass): no victims to rank
     holders = [s for s in live if verdicts[s.uid].admitted]
     used_total = len(holders)
     used_by_tenant = Counter(s.namespace for s in holders)
@@ -145,9 +152,6 @@ def plan_evictions(
     evictable = sorted(  # a session admitted in this very pass is not idle: it has not even started
         (s for s in holders if s.admitted and now - idle[s.uid] >= policy.min_idle),
         key=lambda s: _victim_order(s, idle[s.uid], policy.order),
-    )
-    waiting = sorted(
-        (s for s in live if verdicts[s.uid].reason in PRESSURE and s.uid in may_claim), key=lambda s: s.queue_order
     )
     taken: set[str] = set()
     evictions: list[Eviction] = []
@@ -195,16 +199,17 @@ def memory_evictions(
     this parks too few rather than too many). After parking, a pod waits for a report taken
     ``memory_settle`` later before parking more: freed memory reaches the kernel's count late.
     """
-    if not policy.enabled:
+    pressed = [r for r in reports if r.fraction >= policy.memory_fraction]
+    if not policy.enabled or not pressed:
         return ()
     by_shard: dict[tuple[str, int], list[SessionFacts]] = {}
     for session in sessions:
         if session.shard is not None and not session.deleting:
             by_shard.setdefault((session.namespace, session.shard), []).append(session)
     evictions: list[Eviction] = []
-    for report in sorted(reports, key=lambda r: (r.namespace, r.shard)):
+    for report in sorted(pressed, key=lambda r: (r.namespace, r.shard)):
         on_shard = by_shard.get((report.namespace, report.shard), [])
-        if report.fraction < policy.memory_fraction or not on_shard:
+        if not on_shard:
             continue
         parked_at = [s.status.evicted_at for s in on_shard if _parked_for_memory(s) and s.status.evicted_at]
         if parked_at and report.at < max(parked_at) + policy.memory_settle:
@@ -228,6 +233,8 @@ def held_for_memory(
 ) -> set[str]:
     """Sessions parked for memory whose pod is not yet back below the resume fraction."""
     pressed = {(r.namespace, r.shard) for r in reports if r.fraction >= policy.memory_resume_fraction}
+    if not pressed:
+        return set()
     return {s.uid for s in sessions if _parked_for_memory(s) and (s.namespace, s.shard) in pressed}
 
 
@@ -300,7 +307,8 @@ def admit(
     held = held_by_people(sessions, asked) | (held_for_memory(sessions, reports, policy) - set(asked.resume))
     holding = {uid: admitted and uid not in held for uid, admitted in admitted_now.items()}
     verdicts = plan_admission(sessions, holding, tenant_limits, global_cap, held)
-    evictions = plan_evictions(sessions, verdicts, tenant_limits, global_cap, policy, now, claimants(sessions, asked))
+    waiting = [s for s in sessions if s.uid in verdicts and verdicts[s.uid].reason in PRESSURE]
+    evictions = plan_evictions(sessions, verdicts, tenant_limits, global_cap, policy, now, claimants(waiting, asked))
     for eviction in evictions:
         if eviction.beneficiary is not None:
             verdicts[eviction.beneficiary.uid] = ADMITTED

@@ -55,6 +55,10 @@ def out_of_memory(pod: PodFacts) -> bool:
     return pod.out_of_memory
 
 
+def never(_: object) -> bool:
+    return False
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In-cluster credentials, else the kubeconfig named by KUBECONFIG at the time of login."""
@@ -74,12 +78,17 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         return beat.memory is not None and controller.under_pressure(beat.memory)
 
     poke = controller.poke
-    sessions = Informer(kube, WhatsAppSession.KIND, session_facts, poke, in_scope=in_scope)
-    quotas = Informer(kube, TenantQuota.KIND, quota_facts, poke, in_scope=in_scope)
+    sessions = Informer(
+        kube, WhatsAppSession.KIND, session_facts, poke, in_scope=in_scope, echo=controller.own_session_write
+    )
+    quotas = Informer(kube, TenantQuota.KIND, quota_facts, poke, in_scope=in_scope, echo=controller.own_quota_write)
     pod_selector = ",".join(f"{key}={value}" for key, value in SELECTOR.items())
     # A pod matters to a decision only while its runtime was OOMKilled.
     pods = Informer(kube, "Pod", pod_facts, poke, in_scope=in_scope, label_selector=pod_selector, wakes=out_of_memory)
-    roles = Informer(kube, "Role", runtime_identity, poke, in_scope=in_scope, label_selector=MANAGED)
+    # The Roles are the operator's own: it applies one per tenant, and a burst of a thousand new tenants would
+    # otherwise set off a pass for each. A Role matters once its tenant has no session left, which the session's
+    # deletion wakes; after a restart, the listing does.
+    roles = Informer(kube, "Role", runtime_identity, poke, in_scope=in_scope, label_selector=MANAGED, wakes=never)
     beat_selector = f"{HEARTBEAT_LABEL}=true"
     beats = Informer(
         kube, "Lease", heartbeat, poke, in_scope=in_scope, label_selector=beat_selector, wakes=under_pressure

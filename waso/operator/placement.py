@@ -20,12 +20,11 @@ def assign_shards(
     tenant_sessions: Iterable[SessionFacts], running: Mapping[str, bool], sessions_per_pod: int
 ) -> dict[str, int]:
     """Shard per session uid of one tenant: kept where held, assigned to running sessions that hold none."""
-    sessions = sorted(tenant_sessions, key=lambda s: s.queue_order)
+    sessions = list(tenant_sessions)
     shards = {s.uid: s.shard for s in sessions if s.shard is not None}
     load = Counter(shards.values())
-    for session in sessions:
-        if session.uid in shards or not running.get(session.uid, False):
-            continue
+    unplaced = (s for s in sessions if s.uid not in shards and running.get(s.uid, False))
+    for session in sorted(unplaced, key=lambda s: s.queue_order):
         shard = 0
         while load[shard] >= sessions_per_pod:
             shard += 1
