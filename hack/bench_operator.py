@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import urllib3
 from kubernetes import client, config, watch
 from localcluster import LocalCluster
 from processes import die_with_parent
@@ -144,9 +145,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     no_finalizers = {"metadata": {"finalizers": None}}  # the policy's, and no operator ran to release them
     list(pool.map(lambda s: custom.patch_namespaced_custom_object(GROUP, VERSION, "floor", PLURAL, s[1], no_finalizers),
                   floor_specs))  # fmt: skip
-    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, "floor", PLURAL)
-    while cast(dict[str, Any], custom.list_namespaced_custom_object(GROUP, VERSION, "floor", PLURAL))["items"]:
-        time.sleep(0.2)
+    delete_all(custom, "floor")
 
     env = {
         **os.environ,
@@ -229,6 +228,21 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
                writes / total)  # fmt: skip
 
 
+def delete_all(custom: client.CustomObjectsApi, namespace: str) -> None:
+    """Every session of the namespace, gone: a collection of 10,000 can outlast one request's 60 s (504), and
+    the deletion then goes on where it stopped."""
+    while True:
+        try:
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        except client.ApiException as error:
+            if error.status != 504:
+                raise
+        left = cast(dict[str, Any], custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, limit=1))
+        if not left["items"]:
+            return
+        time.sleep(0.2)
+
+
 class Progress:
     """Sessions decided and placed, followed by a watch of every session (from the moment of construction)."""
 
@@ -252,14 +266,21 @@ class Progress:
             stream = self._watch.stream(  # type: ignore[no-untyped-call]
                 self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, resource_version=resource_version
             )
-            for event in stream:
-                obj = event["object"]
-                resource_version = obj["metadata"]["resourceVersion"]
-                uid = obj["metadata"]["uid"]
-                if event["type"] != "DELETED" and _decided_and_placed(obj) and uid not in self.decided:
-                    self.decided.add(uid)
-                    self.last_change = self.decided_at[uid] = time.monotonic()
-                    self.changed.set()
+            try:
+                for event in stream:
+                    resource_version = self._seen(event)
+            except (urllib3.exceptions.HTTPError, OSError):
+                if not self._stopped:  # cut off: again from the last event seen (the cluster stopping ends it)
+                    time.sleep(0.2)
+
+    def _seen(self, event: dict[str, Any]) -> str:
+        obj = event["object"]
+        uid = obj["metadata"]["uid"]
+        if event["type"] != "DELETED" and _decided_and_placed(obj) and uid not in self.decided:
+            self.decided.add(uid)
+            self.last_change = self.decided_at[uid] = time.monotonic()
+            self.changed.set()
+        return cast(str, obj["metadata"]["resourceVersion"])
 
     def count(self) -> int:
         self.changed.clear()
