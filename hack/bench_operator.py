@@ -186,7 +186,11 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         operator_cpu = _cpu_seconds(operator.pid)
         writes = api_requests(kubeconfig, WRITE_VERBS) - writes_before
         if last and decided == total:
+            # "While 10,000 exist" and "nothing changing": once the burst's work is done, the thousand tenants'
+            # workloads (applied beside the decisions) included; the wait itself is printed.
+            settled_after = wait_for_workloads(api, tenants) - progress.last_change
             latencies = measure_latency(custom, core, progress)
+            wait_for_workloads(api, tenants + LATENCY_PROBES)
             steady = measure_steady_state(kubeconfig, operator)
             failovers = measure_failovers(custom, operator, start_operator, tmp)
     finally:
@@ -210,6 +214,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
     print(f"ratio operator/floor: {operator_seconds / floor_seconds:.2f}")
     print(f"API writes while admitting and placing: {writes} ({writes / total:.2f} per session)")
     if last:
+        print(f"every tenant's workload applied {settled_after:.1f} s after the last decision")
         print(
             f"with {total} sessions present: create→Admitted of {LATENCY_PROBES} new sessions, one at a time: "
             f"p50 {_percentile(latencies, 50) * 1000:.0f} ms, p99 {_percentile(latencies, 99) * 1000:.0f} ms"
@@ -342,6 +347,26 @@ def api_requests(kubeconfig: Path, verbs: tuple[str, ...]) -> int:
         if line.startswith("apiserver_request_total{") and any(f'verb="{v}"' in line for v in verbs):
             total += float(line.rsplit(" ", 1)[1])
     return int(total)
+
+
+def wait_for_workloads(api: client.ApiClient, tenants: int) -> float:
+    """Until every tenant has its StatefulSet (the last of its workload objects); when that was (monotonic).
+
+    Counted by a page of one and its remainingItemCount (which a selector would unset): the bench cluster has
+    no StatefulSet but the operator's."""
+    apps = client.AppsV1Api(api)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        page = apps.list_stateful_set_for_all_namespaces(limit=1)
+        meta = page.metadata
+        if meta is not None and meta._continue and meta.remaining_item_count is None:  # not counted: list them all
+            count = len(apps.list_stateful_set_for_all_namespaces().items)
+        else:
+            count = len(page.items) + ((meta.remaining_item_count if meta is not None else None) or 0)
+        if count >= tenants:
+            return time.monotonic()
+        time.sleep(1)
+    raise SystemExit(f"the workloads of {tenants} tenants were not all applied within 900 s")
 
 
 def measure_latency(custom: client.CustomObjectsApi, core: client.CoreV1Api, progress: Progress) -> list[float]:

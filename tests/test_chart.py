@@ -324,7 +324,9 @@ def test_operator_works_with_exactly_the_charts_permissions(
         rbac = client.RbacAuthorizationV1Api(control_plane.api)
         wait_for(lambda: rbac.list_namespaced_role_binding(tenant).items, timeout=30, what="the runtime's RoleBinding")
         apps = client.AppsV1Api(control_plane.api)
-        assert apps.read_namespaced_stateful_set("waso-sessions", tenant).spec.replicas == 1
+        # Applied after the status, beside the decisions, and the StatefulSet last of the tenant's objects.
+        sets = wait_for(lambda: apps.list_namespaced_stateful_set(tenant).items, timeout=30, what="the StatefulSet")
+        assert [s.spec.replicas for s in sets] == [1]
         assert "Forbidden" not in log.read_text(), log.read_text()[-3000:]
     finally:
         operator.kill()

@@ -78,7 +78,12 @@ def test_ten_tenants_are_admitted_and_placed_in_their_own_pods(
         apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
 
         def one_replica(ns: str) -> client.V1StatefulSet | None:
-            found = apps.read_namespaced_stateful_set("waso-sessions", ns)
+            try:  # statuses are written first, the tenant's workload beside them: it may not exist yet
+                found = apps.read_namespaced_stateful_set("waso-sessions", ns)
+            except client.ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
             return found if found.spec.replicas == 1 else None
 
         for ns in names:
