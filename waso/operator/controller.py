@@ -459,7 +459,7 @@ class Controller:
             for ns, found in quotas_by_ns.items():
                 for quota in found:
                     await writes.start(partial(self._write_quota, quota, honoured[ns], used[ns], now))
-            metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, published before it is written
+            metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, before the last of it is written
             metrics.publish(metrics.HEALTH_FAILURES, unhealthy)
             metrics.publish(metrics.DEVICE_NUMBERS, devices)
             metrics.publish(metrics.PARKED, parked)
