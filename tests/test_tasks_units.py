@@ -29,7 +29,7 @@ def test_bounded_work_holds_at_most_ahead_unfinished_and_collects_every_result()
             await bounded.start(lambda: work(1))
             await bounded.start(lambda: work(2))
             blocked = asyncio.ensure_future(bounded.start(lambda: work(3)))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn of the loop (no clock): the third start runs until it waits for room
             assert not blocked.done()  # no room until one finishes
             gate.set()
             await blocked
@@ -55,7 +55,7 @@ def test_a_failed_block_cancels_the_work_it_started() -> None:
         async def failing_pass() -> None:
             async with Bounded(4) as bounded:
                 await bounded.start(forever)
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # one turn of the loop (no clock): the work has started
                 raise RuntimeError("the pass failed")
 
         with pytest.raises(RuntimeError):
