@@ -190,7 +190,8 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
             # workloads (applied beside the decisions) included; the wait itself is printed.
             settled_after = wait_for_workloads(api, tenants) - progress.last_change
             latencies = measure_latency(custom, core, progress)
-            wait_for_workloads(api, tenants + LATENCY_PROBES)
+            # Nothing changing: also the control plane has created every tenant's pod.
+            wait_for_workloads(api, tenants + LATENCY_PROBES, pods=True)
             steady = measure_steady_state(kubeconfig, operator)
             failovers = measure_failovers(custom, operator, start_operator, tmp)
     finally:
@@ -349,24 +350,27 @@ def api_requests(kubeconfig: Path, verbs: tuple[str, ...]) -> int:
     return int(total)
 
 
-def wait_for_workloads(api: client.ApiClient, tenants: int) -> float:
-    """Until every tenant has its StatefulSet (the last of its workload objects); when that was (monotonic).
+def wait_for_workloads(api: client.ApiClient, tenants: int, *, pods: bool = False) -> float:
+    """Until every tenant has its StatefulSet (the last of its workload objects), or with ``pods`` its session pod
+    (the control plane's own work on the workloads is done); when that was (monotonic).
 
     Counted by a page of one and its remainingItemCount (which a selector would unset): the bench cluster has
-    no StatefulSet but the operator's."""
-    apps = client.AppsV1Api(api)
+    no StatefulSet or pod but the operator's."""
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    listing = core.list_pod_for_all_namespaces if pods else apps.list_stateful_set_for_all_namespaces
+    what = "session pods" if pods else "workloads"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        page = apps.list_stateful_set_for_all_namespaces(limit=1)
+        page = listing(limit=1)
         meta = page.metadata
         if meta is not None and meta._continue and meta.remaining_item_count is None:  # not counted: list them all
-            count = len(apps.list_stateful_set_for_all_namespaces().items)
+            count = len(listing().items)
         else:
             count = len(page.items) + ((meta.remaining_item_count if meta is not None else None) or 0)
         if count >= tenants:
             return time.monotonic()
         time.sleep(1)
-    raise SystemExit(f"the workloads of {tenants} tenants were not all applied within 900 s")
+    raise SystemExit(f"the {what} of {tenants} tenants were not all there within 900 s")
 
 
 def measure_latency(custom: client.CustomObjectsApi, core: client.CoreV1Api, progress: Progress) -> list[float]:

@@ -14,7 +14,7 @@ from waso.api.conditions import Condition, ConditionType, Reason, find_condition
 from waso.api.session import EvictionReason, EvictionStatus, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
 from waso.api.tenancy import MemoryReport
 from waso.operator.admission import ADMITTED, plan_admission
-from waso.operator.eviction import Admission, EvictionPolicy, admit, idle_since
+from waso.operator.eviction import Admission, EvictionPolicy, admit, admit_new, after_admitting, idle_since, slots_left
 from waso.operator.status import desired_status
 from waso.operator.world import SessionFacts
 
@@ -287,6 +287,65 @@ def test_evictions_keep_every_rule(cluster: tuple[list[SessionFacts], int, dict[
                 and NOW - idle_since(s) >= POLICY.min_idle
                 and (not quota_full or s.namespace == waiting.namespace)
             ], (uid, verdict)
+
+
+# New sessions decided without the others.
+
+
+@st.composite
+def arrivals(draw: st.DrawFn) -> tuple[list[SessionFacts], list[SessionFacts], int, dict[str, int]]:
+    sessions, cap, limits = draw(clusters())
+    if draw(st.booleans()):  # often a cluster where nobody waits: what new sessions can be decided alone in
+        sessions = [s for s in sessions if s.admitted]
+    new = [
+        session(f"n{i}", draw(st.sampled_from(["a", "b", "c", "d"])), admitted=False, age=draw(st.integers(-5, 40)))
+        for i in range(draw(st.integers(1, 4)))
+    ]  # fmt: skip
+    everyone = sessions + new
+    for index, found in enumerate(new):  # now and then a number somebody claims already
+        if draw(st.integers(0, 5)) == 0:
+            new[index] = replace(found, phone_number=draw(st.sampled_from(everyone)).phone_number)
+    cap = draw(st.integers(cap, cap + 4))
+    return sessions, new, cap, limits | {"d": draw(st.integers(0, 3))}
+
+
+@settings(max_examples=400, deadline=None)
+@given(arrivals())
+def test_new_sessions_decided_alone_get_what_the_whole_cluster_would_give_them(
+    arrival: tuple[list[SessionFacts], list[SessionFacts], int, dict[str, int]],
+) -> None:
+    before, new, cap, limits = arrival
+    first = admit(before, {s.uid: s.admitted for s in before}, limits, cap, POLICY, NOW)
+    slots = slots_left(before, first, [], POLICY)
+    alone = admit_new(new, slots, limits, cap)
+    everyone = before + new
+    whole = admit(everyone, {s.uid: s.admitted for s in everyone}, limits, cap, POLICY, NOW)
+    if alone is None:
+        return
+    assert alone == {s.uid: whole.verdicts[s.uid] for s in new}
+    assert {s.uid: whole.verdicts[s.uid] for s in before} == first.verdicts  # nobody else's verdict changes
+    assert not whole.evictions
+    assert not whole.records
+    assert slots_left(everyone, whole, [], POLICY) == after_admitting(slots, new)
+
+
+def test_new_sessions_need_the_whole_cluster_when_someone_waits_or_room_is_short() -> None:
+    holders = [session(f"s{i}", "a") for i in range(3)]
+    first = run(holders, cap=4)
+    slots = slots_left(holders, first, [], POLICY)
+    assert admit_new([session("n0", "b", admitted=False)], slots, {"a": 5, "b": 5}, 4) == {"b/n0": ADMITTED}
+    assert admit_new([session(f"n{i}", "b", admitted=False) for i in range(2)], slots, {"a": 5, "b": 5}, 4) is None
+    assert admit_new([session("n0", "a", admitted=False)], slots, {"a": 3, "b": 5}, 4) is None  # the tenant is full
+    taken = replace(session("n0", "b", admitted=False), phone_number=holders[0].phone_number)
+    assert admit_new([taken], slots, {"a": 5, "b": 5}, 4) is None  # the older claim decides: a conflict
+    waiting = run([*holders, session("w", "a", admitted=False)], cap=3)
+    queued = slots_left([*holders, session("w", "a", admitted=False)], waiting, [], POLICY)
+    assert queued.queue
+    assert admit_new([session("n0", "b", admitted=False)], queued, {"a": 5, "b": 5}, 9) is None
+    pressed = slots_left(holders, first, [report(POLICY.memory_resume_fraction)], POLICY)
+    assert admit_new([session("n0", "b", admitted=False)], pressed, {"a": 5, "b": 5}, 4) is None
+    asked = session("n0", "b", admitted=False, evict="now")
+    assert admit_new([asked], slots, {"a": 5, "b": 5}, 4) is None
 
 
 # Memory pressure.

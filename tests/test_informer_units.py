@@ -82,7 +82,7 @@ def test_namespaces_out_of_scope_are_not_indexed_and_only_waking_facts_wake() ->
 def test_the_consumers_own_write_coming_back_wakes_nothing() -> None:
     changes: list[int] = []
     own = {7}  # the values the consumer wrote itself
-    informer = _informer(changes, echo=lambda v: v in own)
+    informer = _informer(changes, handled=lambda _before, after: after in own)
     informer._page([_obj("a", "1", 1)], True, True)
     changes.clear()
     informer._event("MODIFIED", _obj("a", "1", 7))

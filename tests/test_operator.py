@@ -202,6 +202,55 @@ def test_tenant_quota_refuses_only_that_tenants_sessions(
     assert runner.exit_code == 0, runner.output
 
 
+def test_a_new_session_with_room_is_decided_alone_and_one_without_by_a_pass_over_the_whole_cluster(
+    control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    operator_env.setenv("WASO_METRICS_PORT", str(port))
+    api = control_plane.api
+    ns = tenants.namespace("alone")
+    create_quota(api, ns, maxSessions=3)
+
+    def passes() -> dict[str, float]:
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        prefix = "waso_reconcile_passes_total{scope="
+        return {
+            line[len(prefix) + 1 : line.index('"}')]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
+
+    def used() -> int | None:
+        return cast(
+            int | None, get(api, ns, "default", "tenantquotas").get("status", {}).get("used", {}).get("sessions")
+        )
+
+    with run_operator(tenants, operator_env) as runner:
+        create_many(api, [(ns, f"s{i}", phone(40 + i)) for i in range(2)])
+        for i in range(2):
+            wait_admission(api, ns, f"s{i}", expected=True, reason="Admitted")
+        wait_for(lambda: used() == 2, timeout=30, what="quota status: 2 used")
+        before = wait_for(passes, timeout=30, what="the operator's metrics")
+
+        create_session(api, ns, "s2", phone(42))
+        alone = wait_admission(api, ns, "s2", expected=True, reason="Admitted")
+        assert alone["status"]["shard"] == 0
+        assert alone["metadata"]["finalizers"] == ["waso.dev/credentials"]
+        assert alone["status"]["endpoint"].startswith(f"http://waso-sessions-0.waso-sessions.{ns}.svc:8080/")
+        wait_for(lambda: used() == 3, timeout=30, what="quota status: 3 used")
+        after = passes()
+        assert after["new"] > before.get("new", 0)  # decided without a pass over the whole cluster
+
+        # No room left in the tenant: the refusal (and whom it would evict) is the whole cluster's decision.
+        create_session(api, ns, "s3", phone(43))
+        refused = wait_admission(api, ns, "s3", expected=False, reason="QuotaExceeded")
+        assert "uses 3 of its 3 sessions" in condition(refused, "Admitted")["message"]
+        assert passes()["cluster"] > after["cluster"]
+    assert runner.exit_code == 0, runner.output
+
+
 def test_a_namespace_created_as_the_operator_starts_is_served(
     control_plane: ControlPlane, tenants: Tenants, operator_env: pytest.MonkeyPatch
 ) -> None:

@@ -34,7 +34,7 @@ class Informer(Generic[T]):
         in_scope: Callable[[str], bool] = lambda _: True,
         label_selector: str | None = None,
         wakes: Callable[[T], bool] = lambda _: True,
-        echo: Callable[[T], bool] = lambda _: False,
+        handled: Callable[[T | None, T | None], bool] = lambda _before, _after: False,
     ) -> None:
         self.kube = kube
         self.kind = kind
@@ -43,8 +43,9 @@ class Informer(Generic[T]):
         self.in_scope = in_scope
         self.label_selector = label_selector
         self.wakes = wakes
-        self.echo = echo
-        """Whether changed facts are the consumer's own write coming back: it knows them already, no wake-up."""
+        self.handled = handled
+        """Whether the consumer took a change in itself (facts before, after; None: absent), so that it calls for
+        no ``on_change``: its own write coming back, which it knows already, or a new object it decides alone."""
         self.synced = asyncio.Event()
         self._index: dict[str, dict[str, T]] = {}
         self._listing: dict[str, dict[str, T]] = {}
@@ -79,7 +80,7 @@ class Informer(Generic[T]):
         # again and again, or a Lease renewed, changes nothing a pass would decide.
         if current == before or not any(facts is not None and self.wakes(facts) for facts in (current, before)):
             return
-        if current is None or not self.echo(current):
+        if not self.handled(before, current):
             self.on_change()
 
     def _put(self, index: dict[str, dict[str, T]], obj: Mapping[str, Any]) -> T | None:

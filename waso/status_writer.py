@@ -131,9 +131,11 @@ class StatusWriter:
     def forget(self, namespace: str, name: str) -> None:
         self._written.pop((namespace, name), None)
 
-    def retain(self, keys: set[tuple[str, str]]) -> None:
-        """Drop the records of objects that are gone."""
-        for key in set(self._written) - keys:
+    def retain(self, keys: Callable[[], set[tuple[str, str]]]) -> None:
+        """Drop the records of objects that are gone (``keys``: those that exist, asked only if any is recorded)."""
+        if not self._written:
+            return  # the watch delivered every write (the usual case): no set of 10,000 keys built for nothing
+        for key in set(self._written) - keys():
             del self._written[key]
 
 

@@ -345,3 +345,74 @@ def admit(
         if uid in victims or uid in held or stays_parked:
             verdicts[uid] = parked_verdict(record.status, record.at)
     return Admission(verdicts, records, evictions)
+
+
+@dataclass(frozen=True)
+class Slots:
+    """What one whole-cluster admission left, enough to decide new sessions without the others (``admit_new``)."""
+
+    used: int
+    used_by_tenant: Mapping[str, int]
+    phone_numbers: frozenset[str]
+    """Claimed by the sessions that are not being deleted."""
+    queue: bool
+    """Whether a session waits for a slot or is parked, or a pod is near its memory limit: then a new session's
+    turn depends on the others."""
+
+
+def slots_left(
+    sessions: Iterable[SessionFacts],
+    admission: Admission,
+    memory: Iterable[MemoryReport],
+    policy: EvictionPolicy,
+) -> Slots:
+    verdicts = admission.verdicts
+    holders = [s for s in sessions if s.uid in verdicts and verdicts[s.uid].admitted]
+    queue = (
+        bool(admission.evictions)
+        or any(v.reason in PRESSURE or v.reason == Reason.EVICTED for v in verdicts.values())
+        or any(report.fraction >= policy.memory_resume_fraction for report in memory)
+    )
+    return Slots(
+        used=len(holders),
+        used_by_tenant=Counter(s.namespace for s in holders),
+        phone_numbers=frozenset(s.phone_number for s in sessions if not s.deleting),
+        queue=queue,
+    )
+
+
+def admit_new(
+    sessions: Sequence[SessionFacts], slots: Slots, tenant_limits: Mapping[str, int], global_cap: int
+) -> dict[str, Verdict] | None:
+    """The verdicts ``admit`` gives sessions created since the admission that left ``slots``, where they can be told
+    without the others: nobody waits and nothing is parked, each is new (never decided, nothing asked, not
+    suspended), claims a phone number nobody else does, and finds room in its tenant and the cluster. Then every
+    one of them is admitted and no other verdict changes; None where the whole cluster must be decided again."""
+    if slots.queue:
+        return None
+    numbers = Counter(s.phone_number for s in sessions)
+    for session in sessions:
+        fresh = not session.admitted and session.admitted_condition is None and session.status.eviction is None
+        asked = session.evict_request or session.resume_request or session.repair_request or session.rollback_request
+        if not fresh or asked or session.deleting or session.suspend:
+            return None
+        if session.phone_number in slots.phone_numbers or numbers[session.phone_number] > 1:
+            return None
+    new_by_tenant = Counter(s.namespace for s in sessions)
+    if slots.used + len(sessions) > global_cap:
+        return None
+    for namespace, count in new_by_tenant.items():
+        if slots.used_by_tenant.get(namespace, 0) + count > tenant_limits.get(namespace, 0):
+            return None
+    return {s.uid: ADMITTED for s in sessions}
+
+
+def after_admitting(slots: Slots, sessions: Iterable[SessionFacts]) -> Slots:
+    """The slots once ``sessions`` (verdicts of ``admit_new``) hold theirs."""
+    admitted = list(sessions)
+    return Slots(
+        used=slots.used + len(admitted),
+        used_by_tenant=Counter(slots.used_by_tenant) + Counter(s.namespace for s in admitted),
+        phone_numbers=slots.phone_numbers | {s.phone_number for s in admitted},
+        queue=slots.queue,
+    )

@@ -79,9 +79,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
     poke = controller.poke
     sessions = Informer(
-        kube, WhatsAppSession.KIND, session_facts, poke, in_scope=in_scope, echo=controller.own_session_write
+        kube, WhatsAppSession.KIND, session_facts, poke, in_scope=in_scope, handled=controller.session_changed
     )
-    quotas = Informer(kube, TenantQuota.KIND, quota_facts, poke, in_scope=in_scope, echo=controller.own_quota_write)
+    quotas = Informer(kube, TenantQuota.KIND, quota_facts, poke, in_scope=in_scope, handled=controller.quota_changed)
     pod_selector = ",".join(f"{key}={value}" for key, value in SELECTOR.items())
     # A pod matters to a decision only while its runtime was OOMKilled.
     pods = Informer(kube, "Pod", pod_facts, poke, in_scope=in_scope, label_selector=pod_selector, wakes=out_of_memory)

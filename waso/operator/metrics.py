@@ -15,6 +15,11 @@ RECONCILE = Histogram(
     "Duration of one admission, placement and status pass over the whole cluster",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+PASSES = Counter(
+    "waso_reconcile_passes_total",
+    "Passes by scope: over the whole cluster (cluster), or over sessions created since, decided alone (new)",
+    ["scope"],
+)
 LEADER = Gauge("waso_operator_leader", "1 while this replica holds the leader Lease and decides, else 0")
 STATUS_WRITES = Counter("waso_status_writes_total", "Status writes sent to the API server", ["kind"])
 REPAIRS = Counter("waso_repairs_total", "Repairs started, by tenant and reason (or Manual)", ["tenant", "reason"])
@@ -54,6 +59,12 @@ def publish(gauge: Gauge, counts: Mapping[tuple[str, ...], float]) -> None:
         gauge.labels(*labels).set(count)
     seen.clear()
     seen.update(counts)
+
+
+def add(gauge: Gauge, labels: tuple[str, ...], amount: float = 1) -> None:
+    """Count into a labelled gauge between two passes that ``publish`` it."""
+    gauge.labels(*labels).inc(amount)
+    _published.setdefault(gauge, set()).add(labels)
 
 
 def device_range(device: int) -> str:
