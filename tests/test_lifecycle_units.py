@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import cast
 
 from tests.test_decisions import facts
 from waso.api.conditions import ConditionType, Reason, find_condition, set_condition
 from waso.api.session import ACTIVITY_GRANULARITY, Phase, RuntimeState, RuntimeStatus, WhatsAppSessionStatus
+from waso.kube import KubeClient
 from waso.operator.admission import ADMITTED, Verdict
-from waso.operator.controller import retry_after
+from waso.operator.config import OperatorConfig
+from waso.operator.controller import Controller, retry_after
 from waso.operator.events import Decision, EventReason, decision_events, lifecycle_events
 from waso.operator.status import SettledStatuses, StatusInputs, desired_status
 from waso.operator.world import SessionFacts
@@ -175,6 +180,33 @@ def test_refused_tenant_workloads_back_off_to_a_minute() -> None:
         retry = retry_after(retry, T0)
         delays.append((retry.at - T0).total_seconds())
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_a_workload_that_went_out_of_date_is_applied_again_once_done_and_wakes_no_pass() -> None:
+    async def scenario() -> tuple[list[int], bool]:
+        controller = Controller(OperatorConfig(), cast(KubeClient, None))  # the writes below reach no API
+        applied: list[int] = []
+        first_may_finish = asyncio.Event()
+
+        async def apply(version: int) -> None:
+            if version == 1:
+                await first_may_finish.wait()
+            applied.append(version)
+
+        controller._start_tenant_work("acme", 1, partial(apply, 1))
+        await asyncio.sleep(0)
+        for version in (2, 3):  # decided while the first is in flight: only the latest is applied after it
+            controller._start_tenant_work("acme", version, partial(apply, version))
+        first_may_finish.set()
+        for _ in range(100):  # a few turns of the loop, bounded
+            if not controller._tenant_work:
+                break
+            await asyncio.sleep(0)
+        return applied, controller._wake.is_set()
+
+    applied, woken = asyncio.run(scenario())
+    assert applied == [1, 3]
+    assert not woken
 
 
 def _story(*runtimes: RuntimeStatus) -> list[EventReason]:

@@ -166,7 +166,8 @@ class Controller:
         self._background: set[asyncio.Task[None]] = set()
         self._tenant_work: dict[str, tuple[object, asyncio.Task[None]]] = {}
         """Per tenant (and REVIEWS): what its workload task in flight applies, and the task."""
-        self._tenant_stale: set[str] = set()
+        self._tenant_next: dict[str, tuple[object, Write]] = {}
+        """Per tenant, the workload to apply once the one in flight is done (it went out of date meanwhile)."""
         self._wake = asyncio.Event()
         self._whole = True
         """Whether the next pass goes over the whole cluster: something other than new sessions changed."""
@@ -349,7 +350,9 @@ class Controller:
         running = self._tenant_work.get(key)
         if running is not None:
             if running[0] != wanted:
-                self._tenant_stale.add(key)  # what it applies is out of date: another pass once it is done
+                self._tenant_next[key] = (wanted, write)  # out of date: applied again once it is done
+            else:
+                self._tenant_next.pop(key, None)
             return
         task = asyncio.create_task(self._tenant_task(key, write), name=f"waso-workload-{key}")
         self._tenant_work[key] = (wanted, task)
@@ -365,12 +368,13 @@ class Controller:
             self.poke_later(1)
         finally:
             self._tenant_work.pop(key, None)
-            if key in self._tenant_stale:
-                self._tenant_stale.discard(key)
-                self.poke()
+            queued = self._tenant_next.pop(key, None)
+            if queued is not None and self.may_write():
+                self._start_tenant_work(key, *queued)
 
     def _stop_tenant_work(self) -> None:
         """No longer the leader: the workloads in flight stop (the next leader applies what is still wanted)."""
+        self._tenant_next.clear()
         for _wanted, task in self._tenant_work.values():
             task.cancel()
 
