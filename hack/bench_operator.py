@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any, cast
 import urllib3
 from kubernetes import client, config, watch
 from localcluster import LocalCluster
-from processes import die_with_parent
+from processes import die_with_parent, free_port
 
 from waso.api.base import GROUP, VERSION
 from waso.operator.admission import ADMITTED
@@ -156,6 +157,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         "WASO_RUNTIME_IMAGE": "waso:bench",
     }
     log = (tmp / "operator.log").open("wb")
+    metrics_port = free_port()  # the first operator's metrics: its own count of API requests
     # WASO_BENCH_WRAP prefixes the operator's command, e.g. with `py-spy record -o ... --duration 14 --`.
     wrapper = os.environ.get("WASO_BENCH_WRAP", "").split()
 
@@ -163,7 +165,8 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         out = log if name == "operator-0" else (tmp / f"{name}.log").open("wb")
         return subprocess.Popen(
             [*wrap, sys.executable, "-m", "waso.cli.main", "operator"],  # cluster-wide, logs as shipped
-            env={**env, "POD_NAME": name}, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            env={**env, "POD_NAME": name, "WASO_METRICS_PORT": str(metrics_port) if name == "operator-0" else "0"},
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
 
     # Progress is followed by a watch: listing every session a few times a second would load the API server
@@ -192,7 +195,7 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
             latencies = measure_latency(custom, core, progress)
             # Nothing changing: also the control plane has created every tenant's pod.
             wait_for_workloads(api, tenants + LATENCY_PROBES, pods=True)
-            steady = measure_steady_state(kubeconfig, operator)
+            steady = measure_steady_state(kubeconfig, operator, metrics_port)
             failovers = measure_failovers(custom, operator, start_operator, tmp)
     finally:
         progress.stop()
@@ -222,8 +225,8 @@ def run(kubeconfig: Path, total: int, tenants: int, per_tenant: int, threads: in
         )
         print(
             f"steady state, nothing changing, {STEADY_SECONDS:.0f} s: operator CPU {steady[0]:.2f} s "
-            f"({steady[0] / STEADY_SECONDS * 100:.2f}% of a core); API requests per minute: {steady[1]:.0f} "
-            f"with the operator, {steady[2]:.0f} without it (the control plane's own)"
+            f"({steady[0] / STEADY_SECONDS * 100:.2f}% of a core); API requests per minute: {steady[3]:.0f} by the "
+            f"operator (its own count), {steady[1]:.0f} by all clients, {steady[2]:.0f} with the operator stopped"
         )
         print(
             f"failover with {total} sessions: kill -9 of the leader → the standby's first decision in "
@@ -394,17 +397,21 @@ def measure_latency(custom: client.CustomObjectsApi, core: client.CoreV1Api, pro
     return latencies
 
 
-def measure_steady_state(kubeconfig: Path, operator: subprocess.Popen[bytes]) -> tuple[float, float, float]:
-    """Operator CPU seconds over a window with no changes, and API requests per minute with and without it.
+def measure_steady_state(
+    kubeconfig: Path, operator: subprocess.Popen[bytes], metrics_port: int
+) -> tuple[float, float, float, float]:
+    """Operator CPU seconds over a window with no changes; API requests per minute by the operator (its own
+    count, ``waso_kube_requests_total``), by all clients, and by all clients with the operator stopped.
 
-    The control plane's own components make requests too: the same window is measured again with the
-    operator stopped (SIGSTOP, resumed afterwards), so the difference is the operator's.
+    The control plane's own components make requests too, and not evenly (the scheduler retries its unschedulable
+    pods every few minutes): the API server's totals are printed for scale, the operator's count is its own.
     """
     verbs = WRITE_VERBS + READ_VERBS
     time.sleep(5)  # the latency probes' last writes settle
-    cpu, requests = _cpu_seconds(operator.pid), api_requests(kubeconfig, verbs)
+    cpu, requests, own = _cpu_seconds(operator.pid), api_requests(kubeconfig, verbs), _own_requests(metrics_port)
     time.sleep(STEADY_SECONDS)
     cpu_used = _cpu_seconds(operator.pid) - cpu
+    by_operator = (_own_requests(metrics_port) - own) * 60 / STEADY_SECONDS
     with_operator = (api_requests(kubeconfig, verbs) - requests) * 60 / STEADY_SECONDS
     os.kill(operator.pid, signal.SIGSTOP)
     try:
@@ -413,7 +420,16 @@ def measure_steady_state(kubeconfig: Path, operator: subprocess.Popen[bytes]) ->
         without = (api_requests(kubeconfig, verbs) - requests) * 60 / STEADY_SECONDS
     finally:
         os.kill(operator.pid, signal.SIGCONT)
-    return cpu_used, with_operator, without
+    return cpu_used, with_operator, without, by_operator
+
+
+def _own_requests(metrics_port: int) -> float:
+    """The operator's own count of its requests to the API server (all methods)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("waso_kube_requests_total{")
+    )
 
 
 def _percentile(values: list[float], percentile: int) -> float:

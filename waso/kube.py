@@ -25,12 +25,14 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+from prometheus_client import Counter
 
 from waso.api.base import API_VERSION
 from waso.api.crd import DEFINITIONS
 
 T = TypeVar("T")
 log = logging.getLogger("waso.kube")
+REQUESTS = Counter("waso_kube_requests_total", "Requests to the Kubernetes API server, watches included", ["method"])
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class KubeClient:
         timeout: float | None = 30,
         stream: bool = False,
     ) -> Any:
+        REQUESTS.labels(method).inc()
         serialized = self.api.param_serialize(
             method=method,
             resource_path=path,
