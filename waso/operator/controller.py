@@ -230,6 +230,8 @@ class Controller:
         (``admit_new``): with 10,000 sessions, milliseconds instead of half a second."""
         if current is None:
             return False
+        if not self.may_write():
+            return False  # a standby notes nothing: it starts its term with a pass over the whole cluster
         if before is None and current.admitted_condition is None and not current.admitted:
             self._new[current.uid] = current.namespace
             self._wake.set()
