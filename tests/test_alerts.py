@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from tests.support import BIN, free_port
+from waso import kube
 from waso.api.quota import TenantQuotaSpec
 from waso.operator import metrics as operator_metrics
 from waso.operator import resources
@@ -111,9 +112,9 @@ def as_promql(expr: str) -> str:
 
 
 def exported_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Every metric the operator and the runtime define: exposition name → (type, label names)."""
+    """Every metric the operator and the runtime define (their API client's included): name → (type, label names)."""
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for module in (operator_metrics, runtime_metrics):
+    for module in (operator_metrics, runtime_metrics, kube):
         for value in vars(module).values():
             if not isinstance(value, MetricWrapperBase):
                 continue
