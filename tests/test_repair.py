@@ -146,7 +146,13 @@ def test_a_session_that_keeps_breaking_stops_being_repaired_after_the_loop_limit
     assert len(_repairs(final)["backups"]) == 2
     assert final["status"]["runtime"]["state"] == "Connected"  # the broken store was left alone
     assert "storedJid" in final["status"]["runtime"]
-    reasons = _event_reasons(world.api, world.namespace)
+
+    # Events are recorded beside the status writes: the second Repaired may come a moment after the status.
+    def both_repaired() -> list[str] | None:
+        found = _event_reasons(world.api, world.namespace)
+        return found if found.count("Repaired") >= 2 else None
+
+    reasons = wait_for(both_repaired, timeout=30, what="two Repaired Events")
     assert reasons.count("RepairStarted") == 2, reasons
     assert reasons.count("Repaired") == 2, reasons
     assert PHONE not in world.stats()["pairing"]  # no new QR code offered

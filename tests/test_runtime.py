@@ -551,7 +551,12 @@ def test_a_broken_identity_is_backed_up_reset_and_offered_for_pairing_again(worl
     kept = world.tmp / "data" / "backups" / "s1" / backup["name"]
     assert (kept / "manifest.json").is_file()
     assert json.loads((kept / "simulator-credentials.json").read_text())["jid"] == first["jid"]
-    reasons = [e.reason for e in client.CoreV1Api(world.api).list_namespaced_event(world.namespace).items]
+
+    def event_reasons() -> list[str] | None:  # recorded beside the status write: it may come a moment later
+        found = [str(e.reason) for e in client.CoreV1Api(world.api).list_namespaced_event(world.namespace).items]
+        return found if "Repaired" in found else None
+
+    reasons = wait_for(event_reasons, timeout=30, what="the Repaired Event")
     assert reasons.count("RepairStarted") == 1
     assert reasons.count("Repaired") == 1
 
