@@ -194,14 +194,14 @@ def test_a_workload_that_went_out_of_date_is_applied_again_once_done_and_wakes_n
             applied.append(version)
 
         controller._start_tenant_work("acme", 1, partial(apply, 1))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop (no clock): the first is in flight, waiting to finish
         for version in (2, 3):  # decided while the first is in flight: only the latest is applied after it
             controller._start_tenant_work("acme", version, partial(apply, version))
         first_may_finish.set()
         for _ in range(100):  # a few turns of the loop, bounded
             if not controller._tenant_work:
                 break
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn of the loop (no clock)
         return applied, controller._wake.is_set()
 
     applied, woken = asyncio.run(scenario())
