@@ -433,6 +433,7 @@ class Controller:
         self._review_write(tenant_writes)
 
         repairs, repair_plan = self._plan_repairs(sessions, running, honoured, now)
+        slots = slots_left(sessions, admission, memory, self._eviction)
         # Decisions first: session and quota statuses are what people and tools wait on (`kubectl wait`). A pass
         # waits for them, so the next one never races a status write still in flight. Tenant workloads (seven
         # objects each; a thousand new tenants take a minute) are applied beside the passes, one task per tenant.
@@ -483,18 +484,18 @@ class Controller:
                     age = (now - seen.parked_since).total_seconds()
                     parked_oldest[(session.namespace,)] = max(parked_oldest.get((session.namespace,), 0.0), age)
 
-            used = Counter(s.namespace for s in sessions if running.get(s.uid))
             for ns, found in quotas_by_ns.items():
                 for quota in found:
-                    await writes.start(partial(self._write_quota, quota, honoured[ns], used[ns], now))
+                    used = slots.used_by_tenant.get(ns, 0)
+                    await writes.start(partial(self._write_quota, quota, honoured[ns], used, now))
             metrics.publish(metrics.SESSIONS, tally)  # what this pass decided, before the last of it is written
             metrics.publish(metrics.HEALTH_FAILURES, unhealthy)
             metrics.publish(metrics.DEVICE_NUMBERS, devices)
             metrics.publish(metrics.PARKED, parked)
             metrics.publish(metrics.PARKED_AGE, parked_oldest)
-            metrics.ADMITTED.set(sum(1 for admitted in running.values() if admitted))
+            metrics.ADMITTED.set(slots.used)
             self.computing_seconds = time.thread_time() - started  # this thread's: not the writes' waiting
-        self._slots = slots_left(sessions, admission, memory, self._eviction)
+        self._slots = slots  # once its writes are made: a pass that fails leaves none
         self._after_writes(writes, tenant_writes)
         log.debug(
             "pass %d: %d sessions, %.3f CPU s deciding, %d session writes, %d tenants",
